@@ -1,0 +1,129 @@
+"""Node settings: defaults < config file (TOML or JSON) < OMX_* environment < command-line flags."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from omx.protocols.api import parse_go_duration
+from omx.protocols.hosts import parse_host
+
+
+class ConfigError(Exception):
+    """A settings problem, worded for the operator (file, key, what is wrong)."""
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get("OMX_HOME") or Path.home() / ".omx")
+
+
+class NodeConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    host: str = Field("127.0.0.1", description="bind address")
+    port: int = Field(11434, ge=0, le=65535)
+    data_dir: Path = Field(default_factory=default_data_dir)
+    provision_demo: bool = True
+    max_loaded_models: int = Field(3, ge=1)
+    num_parallel: int = Field(4, ge=1, le=256)
+    max_queue: int = Field(512, ge=0)
+    keep_alive: float = Field(300.0, description="seconds; negative keeps models loaded")
+    load_timeout: float = Field(300.0, gt=0)
+    context_length: int = Field(4096, ge=16)
+    device: str = "auto"
+    dtype: str = "auto"
+    max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="limit for JSON request bodies")
+    shutdown_grace: float = Field(30.0, ge=0)
+    origins: list[str] = Field(default_factory=list)
+
+    @field_validator("keep_alive", mode="before")
+    @classmethod
+    def _duration(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            text = v.strip()
+            try:  # the env var, unlike the API, accepts a bare number of seconds
+                return float(text)
+            except ValueError:
+                return parse_go_duration(text)
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v != "auto" and v != "cpu" and not v.startswith("cuda"):
+            raise ValueError("must be auto, cpu, cuda or cuda:N")
+        return v
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, v: str) -> str:
+        if v not in ("auto", "float32", "float16", "bfloat16"):
+            raise ValueError("must be auto, float32, float16 or bfloat16")
+        return v
+
+    @property
+    def keep_alive_effective(self) -> float:
+        return math.inf if self.keep_alive < 0 else self.keep_alive
+
+
+_ENV = {
+    "OMX_MAX_LOADED_MODELS": "max_loaded_models",
+    "OMX_NUM_PARALLEL": "num_parallel",
+    "OMX_MAX_QUEUE": "max_queue",
+    "OMX_KEEP_ALIVE": "keep_alive",
+    "OMX_LOAD_TIMEOUT": "load_timeout",
+    "OMX_CONTEXT_LENGTH": "context_length",
+    "OMX_DEVICE": "device",
+    "OMX_DTYPE": "dtype",
+    "OMX_HOME": "data_dir",
+    "OMX_MAX_BODY_BYTES": "max_body_bytes",
+}
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"config file {path}: {e.strerror}") from None
+    try:
+        data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+    except (ValueError, tomllib.TOMLDecodeError) as e:
+        kind = "JSON" if path.suffix == ".json" else "TOML"
+        raise ConfigError(f"config file {path}: not valid {kind}: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: expected a table of settings")
+    return data
+
+
+def load_config(path: Path | None = None, overrides: dict[str, Any] | None = None) -> NodeConfig:
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        data.update(_read_file(path))
+        source = str(path)
+    for env, key in _ENV.items():
+        val = os.environ.get(env)
+        if val is not None and val.strip() != "":
+            data[key] = val.strip().strip("\"'")
+    host_env = os.environ.get("OMX_HOST")
+    if host_env and "host" not in (overrides or {}):
+        addr = parse_host(host_env)
+        data["host"], data["port"] = addr.host, addr.port
+    for k, v in (overrides or {}).items():
+        if v is not None:
+            data[k] = v
+    try:
+        return NodeConfig.model_validate(data)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            key = ".".join(str(p) for p in err["loc"]) or "(root)"
+            msg = "unknown setting" if err["type"] == "extra_forbidden" else err["msg"]
+            lines.append(f"{key}: {msg} (got {err.get('input')!r})")
+        raise ConfigError(f"invalid configuration ({source}):\n  " + "\n  ".join(lines)) from None

@@ -1,0 +1,125 @@
+"""Node assembly and lifetime: build the app from a config, provision the demo model, serve, drain on SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from aiohttp import web
+
+from omx.models.store import Store
+from omx.node.app import CONFIG, INFER, RUNNERS, STORE, add_native_routes, errors_mw, make_host_check
+from omx.node.config import ConfigError, NodeConfig, load_config
+from omx.node.inference import Inference
+from omx.node.openai import add_openai_routes
+from omx.node.runners import RunnerManager
+
+log = logging.getLogger("omx.node")
+
+
+def build_app(cfg: NodeConfig) -> web.Application:
+    app = web.Application(middlewares=[errors_mw, make_host_check(cfg)], client_max_size=cfg.max_body_bytes)
+    store = Store(cfg.data_dir)
+    runners = RunnerManager(
+        max_loaded=cfg.max_loaded_models,
+        num_parallel=cfg.num_parallel,
+        max_queue=cfg.max_queue,
+        default_keep_alive=cfg.keep_alive_effective,
+        load_timeout=cfg.load_timeout,
+        device=cfg.device,
+        dtype=cfg.dtype,
+        log_dir=str(cfg.data_dir / "logs"),
+    )
+    app[CONFIG] = cfg
+    app[STORE] = store
+    app[RUNNERS] = runners
+    app[INFER] = Inference(store=store, runners=runners, context_length=cfg.context_length)
+    add_native_routes(app)
+    add_openai_routes(app)
+    app.cleanup_ctx.append(_runners_ctx)
+    return app
+
+
+async def _runners_ctx(app: web.Application) -> AsyncIterator[None]:
+    yield
+    await app[RUNNERS].close()  # after in-flight requests drained: stop every runner process
+
+
+def provision_demo(store: Store) -> bool:
+    """Give an empty store the demo model, so a fresh node can answer a request at once."""
+    from omx.models.demo import ensure_demo_model
+
+    if any(True for _ in store.list_models()):
+        return False
+    ensure_demo_model(store)
+    return True
+
+
+async def serve(cfg: NodeConfig) -> None:
+    app = build_app(cfg)
+    if cfg.provision_demo:
+        if await asyncio.to_thread(provision_demo, app[STORE]):
+            log.info("provisioned the demo model omx-tiny:latest")
+    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=cfg.shutdown_grace,
+                           access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, cfg.host, cfg.port, reuse_address=True)
+    await site.start()
+    port = runner.addresses[0][1] if runner.addresses else cfg.port
+    # one parseable line so launchers and tests know where we listen (port 0 picks a free one)
+    print(f"omx node listening on http://{cfg.host}:{port} data_dir={cfg.data_dir}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down: draining in-flight requests (grace %.0fs)", cfg.shutdown_grace)
+    await runner.cleanup()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="omx node start", description="Start an omx node.")
+    ap.add_argument("--config", type=Path, help="TOML or JSON settings file")
+    ap.add_argument("--host", help="bind address, OLLAMA_HOST forms (default 127.0.0.1:11434, env OMX_HOST)")
+    ap.add_argument("--port", type=int)
+    ap.add_argument("--data-dir", type=Path, help="model store and state (default ~/.omx, env OMX_HOME)")
+    ap.add_argument("--no-demo", action="store_true", help="do not provision the demo model on an empty store")
+    ap.add_argument("--log-level", default=os.environ.get("OMX_LOG_LEVEL", "INFO"))
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    overrides: dict[str, object] = {"port": args.port, "data_dir": args.data_dir}
+    if args.host:
+        from omx.protocols.hosts import parse_host
+
+        addr = parse_host(args.host)
+        overrides["host"] = addr.host
+        if args.port is None and (":" in args.host.split("://")[-1] or "://" in args.host):
+            overrides["port"] = addr.port
+    if args.no_demo:
+        overrides["provision_demo"] = False
+    try:
+        cfg = load_config(args.config, overrides)
+    except ConfigError as e:
+        print(f"omx: {e}", file=sys.stderr)
+        return 2
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    try:
+        asyncio.run(serve(cfg))
+    except OSError as e:
+        print(f"omx: cannot listen on {cfg.host}:{cfg.port}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
+    return 0

