@@ -254,6 +254,14 @@ def _table(*headers: str) -> Table:
     return table
 
 
+def _print_table(table: Table) -> None:
+    """Print without the padding rich leaves at line ends (noise in diffs and `grep`-ed output)."""
+    console = _stdout()
+    with console.capture() as cap:
+        console.print(table)
+    sys.stdout.write("".join(line.rstrip() + "\n" for line in cap.get().splitlines()))
+
+
 def _print_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
@@ -409,7 +417,7 @@ class ProgressView:
             # a step without a size ("writing manifest", "success") is just a line
             if status != self.last and status not in self.tasks:
                 self._finish_bars()
-                self.console.print(status, markup=False)
+                self.console.print(status, markup=False, soft_wrap=True)
             self.last = status
             return
         if status not in self.tasks:
@@ -514,7 +522,7 @@ def list_cmd(host: HostOpt = None, as_json: JsonOpt = False) -> None:
             human_bytes(m.get("size") or 0),
             human_time(parse_time(m.get("modified_at"))),
         )
-    _stdout().print(table)
+    _print_table(table)
 
 
 app.command("ls", hidden=True)(list_cmd)
@@ -632,7 +640,7 @@ def ps(host: HostOpt = None, as_json: JsonOpt = False) -> None:
             str(m.get("context_length") or ""),
             until,
         )
-    _stdout().print(table)
+    _print_table(table)
 
 
 @app.command()
@@ -918,7 +926,7 @@ def create(
     context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
 )
 def node_start(ctx: typer.Context) -> None:
-    """Start a node here: `python -m omx.node start [args...]` (--config, --host, --port, --data-dir, ...)."""
+    """Start a node here: runs `python -m omx.node start ARGS` (--config, --host, --port, --data-dir, ...)."""
     argv = [sys.executable, "-m", "omx.node", "start", *ctx.args]
     sys.stdout.flush()
     sys.stderr.flush()

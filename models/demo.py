@@ -132,7 +132,7 @@ BENCH_100M = LlamaSpec(
 )
 
 DEMO_PARAMS: dict[str, object] = {
-    "stop": [IM_START, IM_END],
+    "stop": [IM_START, IM_END, EOS_TOKEN],
     "temperature": 0.7,
     "num_ctx": TINY.context_length,
 }

@@ -44,6 +44,7 @@ class GenerateJob:
     emit: Emit
     num_keep: int = 4
     constraint: GrammarConstraint | None = None
+    stop_ids: frozenset[int] = frozenset()  # control tokens named by a stop string (they decode to no text)
 
 
 @dataclass
@@ -260,7 +261,7 @@ class Engine:
     def _accept(self, s: _Seq, tok: int) -> None:
         job = s.job
         c = job.constraint
-        if tok in self.eos_ids:
+        if tok in self.eos_ids or tok in job.stop_ids:
             # the grammar only allows an end token once the output is complete
             if c is not None and not c.is_done():
                 try:
@@ -293,9 +294,10 @@ class Engine:
             self._finish(s, "length")
 
     def _detok(self, s: _Seq) -> str:
-        """Incremental detokenisation that never splits a multi-byte character."""
-        prefix = self.tok.decode(s.history[s.prefix_offset : s.read_offset], skip_special_tokens=False)
-        full = self.tok.decode(s.history[s.prefix_offset :], skip_special_tokens=False)
+        """Incremental detokenisation that never splits a multi-byte character; control tokens render as nothing,
+        as in llama.cpp."""
+        prefix = self.tok.decode(s.history[s.prefix_offset : s.read_offset], skip_special_tokens=True)
+        full = self.tok.decode(s.history[s.prefix_offset :], skip_special_tokens=True)
         if len(full) > len(prefix) and not full.endswith("\ufffd"):
             s.prefix_offset, s.read_offset = s.read_offset, len(s.history)
             return full[len(prefix) :]
@@ -322,8 +324,8 @@ class Engine:
     def _finish(self, s: _Seq, reason: str, flush_tail: bool = True) -> None:
         job = s.job
         # bytes held back as an incomplete character are flushed as they are (with U+FFFD)
-        tail = self.tok.decode(s.history[s.prefix_offset :], skip_special_tokens=False)
-        head = self.tok.decode(s.history[s.prefix_offset : s.read_offset], skip_special_tokens=False)
+        tail = self.tok.decode(s.history[s.prefix_offset :], skip_special_tokens=True)
+        head = self.tok.decode(s.history[s.prefix_offset : s.read_offset], skip_special_tokens=True)
         if flush_tail and len(tail) > len(head):
             s.pending += tail[len(head) :]
         if s.pending:

@@ -28,6 +28,7 @@ import json as _json
 import math
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Final, NamedTuple
 from urllib.parse import quote_plus
@@ -125,7 +126,7 @@ class GoStruct:
         return f"GoStruct({self.type_name}, {self.values!r})"
 
 
-class OrderedMap(dict):  # type: ignore[type-arg]
+class OrderedMap(dict[Any, Any]):
     """A map that ranges, prints and encodes in insertion order (Ollama's ordered maps)."""
 
 
@@ -133,7 +134,7 @@ class JSONOrderedMap(OrderedMap):
     """An ordered map whose Go ``String()`` is its JSON (api.ToolCallFunctionArguments)."""
 
 
-class JSONList(list):  # type: ignore[type-arg]
+class JSONList(list[Any]):
     """A slice whose Go ``String()`` is its JSON (api.Tools); ``nil`` marks a Go nil slice."""
 
     def __init__(self, items: Iterable[Any] = (), *, nil: bool = False) -> None:
@@ -141,7 +142,7 @@ class JSONList(list):  # type: ignore[type-arg]
         self.nil = nil
 
 
-class PropertyType(tuple):  # type: ignore[type-arg]
+class PropertyType(tuple[str, ...]):
     """api.PropertyType: JSON Schema type names; a single name prints and encodes as a bare string."""
 
     __slots__ = ()
@@ -222,7 +223,7 @@ def _json_float(f: float) -> str:
     digits, dp = _shortest(a)
     if a < 1e-6 or a >= 1e21:
         body = _fmt_e(digits, dp)
-        if body[-4:-2] == "-0":  # Go cleans e-07 up to e-7
+        if body[-4:-1] == "e-0":  # Go cleans e-07 up to e-7
             body = body[:-2] + body[-1]
     else:
         body = _fmt_f(digits, dp)
@@ -1124,149 +1125,120 @@ class _Lexer:
 # AST
 
 
+@dataclass(slots=True, eq=False)
 class _Node:
-    __slots__ = ("pos",)
-
-    def __init__(self, pos: int) -> None:
-        self.pos = pos
+    pos: int
 
 
+@dataclass(slots=True, eq=False)
 class _Text(_Node):
-    __slots__ = ("text",)
-
-    def __init__(self, text: str, pos: int) -> None:
-        super().__init__(pos)
-        self.text = text
+    text: str
 
 
+@dataclass(slots=True, eq=False)
 class _Field(_Node):
-    __slots__ = ("idents",)
-
-    def __init__(self, idents: tuple[str, ...], pos: int) -> None:
-        super().__init__(pos)
-        self.idents = idents
+    idents: tuple[str, ...]
 
     def __str__(self) -> str:
         return "." + ".".join(self.idents)
 
 
+@dataclass(slots=True, eq=False)
 class _Variable(_Node):
-    __slots__ = ("idents",)
-
-    def __init__(self, idents: tuple[str, ...], pos: int) -> None:
-        super().__init__(pos)
-        self.idents = idents
+    idents: tuple[str, ...]
 
     def __str__(self) -> str:
         return ".".join(self.idents)
 
 
+@dataclass(slots=True, eq=False)
 class _Ident(_Node):
-    __slots__ = ("name",)
-
-    def __init__(self, name: str, pos: int) -> None:
-        super().__init__(pos)
-        self.name = name
+    name: str
 
     def __str__(self) -> str:
         return self.name
 
 
+@dataclass(slots=True, eq=False)
 class _Dot(_Node):
-    __slots__ = ()
-
     def __str__(self) -> str:
         return "."
 
 
+@dataclass(slots=True, eq=False)
 class _Nil(_Node):
-    __slots__ = ()
-
     def __str__(self) -> str:
         return "nil"
 
 
+@dataclass(slots=True, eq=False)
 class _Literal(_Node):
-    __slots__ = ("text", "value")
-
-    def __init__(self, value: Any, text: str, pos: int) -> None:
-        super().__init__(pos)
-        self.value = value
-        self.text = text
+    value: Any
+    text: str
 
     def __str__(self) -> str:
         return self.text
 
 
+@dataclass(slots=True, eq=False)
 class _Chain(_Node):
-    __slots__ = ("fields", "node")
+    """``(pipeline).Field`` or ``func.Field``."""
 
-    def __init__(self, node: _Node, fields: tuple[str, ...], pos: int) -> None:
-        super().__init__(pos)
-        self.node = node
-        self.fields = fields
+    node: _Node
+    fields: tuple[str, ...]
 
     def __str__(self) -> str:
         return f"({self.node})." + ".".join(self.fields)
 
 
+@dataclass(slots=True, eq=False)
 class _Command(_Node):
-    __slots__ = ("args",)
-
-    def __init__(self, args: list[_Node], pos: int) -> None:
-        super().__init__(pos)
-        self.args = args
+    args: list[_Node]
 
 
+@dataclass(slots=True, eq=False)
 class _Pipe(_Node):
-    __slots__ = ("cmds", "decl", "is_assign")
-
-    def __init__(self, decl: tuple[str, ...], is_assign: bool, cmds: list[_Command], pos: int) -> None:
-        super().__init__(pos)
-        self.decl = decl
-        self.is_assign = is_assign
-        self.cmds = cmds
+    decl: tuple[str, ...]
+    is_assign: bool
+    cmds: list[_Command]
 
     def __str__(self) -> str:
         return "(pipeline)"
 
 
+@dataclass(slots=True, eq=False)
 class _Action(_Node):
-    __slots__ = ("pipe",)
-
-    def __init__(self, pipe: _Pipe, pos: int) -> None:
-        super().__init__(pos)
-        self.pipe = pipe
+    pipe: _Pipe
 
 
+@dataclass(slots=True, eq=False)
 class _Branch(_Node):
     """if / with / range."""
 
-    __slots__ = ("body", "else_", "kind", "pipe")
-
-    def __init__(self, kind: str, pipe: _Pipe, body: list[_Node], else_: list[_Node] | None,
-                 pos: int) -> None:
-        super().__init__(pos)
-        self.kind = kind
-        self.pipe = pipe
-        self.body = body
-        self.else_ = else_
+    kind: str
+    pipe: _Pipe
+    body: list[_Node]
+    else_: list[_Node] | None
 
 
+@dataclass(slots=True, eq=False)
 class _Break(_Node):
-    __slots__ = ()
+    pass
 
 
+@dataclass(slots=True, eq=False)
 class _Continue(_Node):
-    __slots__ = ()
+    pass
 
 
+@dataclass(slots=True, eq=False)
 class _End(_Node):
-    __slots__ = ()
+    pass
 
 
+@dataclass(slots=True, eq=False)
 class _Else(_Node):
-    __slots__ = ()
+    pass
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1425,7 +1397,7 @@ class _Parser:
             if t.kind == _EOF:
                 return nodes
             if t.kind == _TEXT:
-                nodes.append(_Text(t.val, t.pos))
+                nodes.append(_Text(t.pos, t.val))
                 continue
             n = self.action()
             if isinstance(n, _End):
@@ -1441,7 +1413,7 @@ class _Parser:
             if t.kind == _EOF:
                 raise self.err("unexpected EOF", t.pos)
             if t.kind == _TEXT:
-                nodes.append(_Text(t.val, t.pos))
+                nodes.append(_Text(t.pos, t.val))
             elif t.kind == _LDELIM:
                 n = self.action()
                 if isinstance(n, (_End, _Else)):
@@ -1471,7 +1443,7 @@ class _Parser:
                 return _End(t.pos)
             return self.control(kw, t.pos)
         self.i -= 1
-        return _Action(self.pipeline("command", _RDELIM), t.pos)
+        return _Action(t.pos, self.pipeline("command", _RDELIM))
 
     def control(self, kind: str, pos: int) -> _Branch:
         self.enter(pos)
@@ -1494,7 +1466,7 @@ class _Parser:
                     raise self.err("expected end; found {{else}}", end.pos)
         del self.vars[saved:]
         self.depth -= 1
-        return _Branch(kind, pipe, body, else_, pos)
+        return _Branch(pos, kind, pipe, body, else_)
 
     def pipeline(self, context: str, end: str) -> _Pipe:
         start = self.peek_non_space()
@@ -1537,7 +1509,7 @@ class _Parser:
                     if isinstance(c.args[0], (_Literal, _Dot, _Nil)):
                         raise self.err(f"non executable command in pipeline stage {k + 2}", c.pos)
                 self.depth -= 1
-                return _Pipe(tuple(decl), is_assign, cmds, start.pos)
+                return _Pipe(start.pos, tuple(decl), is_assign, cmds)
             if t.kind not in _OPERAND_START:
                 raise self.unexpected(t, context)
             self.i -= 1
@@ -1561,7 +1533,7 @@ class _Parser:
             break
         if not args:
             raise self.err("empty command", pos)
-        return _Command(args, pos)
+        return _Command(pos, args)
 
     def operand(self) -> _Node | None:
         node = self.term()
@@ -1571,12 +1543,12 @@ class _Parser:
         while self.peek().kind == _FIELD:
             fields.append(self.next().val[1:])
         if isinstance(node, _Field):
-            return _Field(node.idents + tuple(fields), node.pos)
+            return _Field(node.pos, node.idents + tuple(fields))
         if isinstance(node, _Variable):
-            return _Variable(node.idents + tuple(fields), node.pos)
+            return _Variable(node.pos, node.idents + tuple(fields))
         if isinstance(node, (_Literal, _Nil, _Dot)):
             raise self.err(f"unexpected . after term {str(node)!r}", node.pos)
-        return _Chain(node, tuple(fields), node.pos)
+        return _Chain(node.pos, node, tuple(fields))
 
     def term(self) -> _Node | None:
         t = self.next_non_space()
@@ -1584,7 +1556,7 @@ class _Parser:
         if k == _IDENT:
             if t.val not in self.funcs:
                 raise self.err(f'function "{t.val}" not defined', t.pos)
-            return _Ident(t.val, t.pos)
+            return _Ident(t.pos, t.val)
         if k == _DOT:
             return _Dot(t.pos)
         if k == _NIL:
@@ -1592,18 +1564,18 @@ class _Parser:
         if k == _VARIABLE:
             if t.val not in self.vars:
                 raise self.err(f"undefined variable {t.val!r}", t.pos)
-            return _Variable((t.val,), t.pos)
+            return _Variable(t.pos, (t.val,))
         if k == _FIELD:
-            return _Field((t.val[1:],), t.pos)
+            return _Field(t.pos, (t.val[1:],))
         if k == _BOOL:
-            return _Literal(t.val == "true", t.val, t.pos)
+            return _Literal(t.pos, t.val == "true", t.val)
         try:
             if k == _NUMBER:
-                return _Literal(_number_value(t.val), t.val, t.pos)
+                return _Literal(t.pos, _number_value(t.val), t.val)
             if k == _CHARCONST:
-                return _Literal(_char_value(t.val), t.val, t.pos)
+                return _Literal(t.pos, _char_value(t.val), t.val)
             if k in (_STRING, _RAWSTRING):
-                return _Literal(_unquote(t.val), t.val, t.pos)
+                return _Literal(t.pos, _unquote(t.val), t.val)
         except ValueError as e:
             msg = str(e)
             if msg == "invalid syntax" or not msg:
@@ -1923,10 +1895,10 @@ class _Cutter:
         if isinstance(n, _Branch):
             body = self.nodes(n.body)
             else_ = self.nodes(n.else_) if n.else_ is not None else None
-            return _Branch(n.kind, n.pipe, body or [], else_, n.pos)
+            return _Branch(n.pos, n.kind, n.pipe, body or [], else_)
         if isinstance(n, _Action):
             pipe = self.pipe(n.pipe)
-            return None if pipe is None else _Action(pipe, n.pos)
+            return None if pipe is None else _Action(n.pos, pipe)
         if isinstance(n, _Pipe):
             return self.pipe(n)
         return n
@@ -1939,8 +1911,8 @@ class _Cutter:
             args = [k for k in (self.node(a) for a in c.args) if k is not None]
             if not args:
                 return None
-            cmds.append(_Command(args, c.pos))
-        return _Pipe(p.decl, p.is_assign, cmds, p.pos)
+            cmds.append(_Command(c.pos, args))
+        return _Pipe(p.pos, p.decl, p.is_assign, cmds)
 
 
 class Template:
@@ -1971,7 +1943,7 @@ class Template:
     def with_trailing_field(self, name: str) -> Template:
         """A copy with ``{{ .name }}`` appended (Ollama appends ``{{ .Response }}``)."""
         pos = len(self.source)
-        act = _Action(_Pipe((), False, [_Command([_Field((name,), pos)], pos)], pos), pos)
+        act = _Action(pos, _Pipe(pos, (), False, [_Command(pos, [_Field(pos, (name,))])]))
         return Template(self.source, [*self.nodes, act], self.funcs)
 
     def truncated_after_field(self, name: str) -> Template:

@@ -102,6 +102,11 @@ class Runner:
             eos_ids=eos_ids(self.model, self.tok),
             apply_masks=apply_masks,
         )
+        # control tokens by text, so a stop string naming one (e.g. "<|im_end|>") stops on the token itself
+        self.special_ids: dict[str, int] = {
+            t: i for t, i in self.tok.get_added_vocab().items() if t in set(self.tok.all_special_tokens) or
+            (t.startswith("<") and t.endswith(">"))
+        }
         self.thread = threading.Thread(target=self.engine.run, name="decode", daemon=True)
         self.thread.start()
         params = sum(p.numel() * p.element_size() for p in self.model.parameters())
@@ -143,6 +148,7 @@ class Runner:
                         raise ValueError("structured output is not available for this model")
                     constraint = self.compiler.constraint(msg["format"])
                 opts = msg.get("options", {})
+                special = self.special_ids
                 job = GenerateJob(
                     id=jid,
                     prompt_ids=ids,
@@ -151,6 +157,7 @@ class Runner:
                     num_keep=int(opts.get("num_keep", 4)),
                     emit=self.send,
                     constraint=constraint,
+                    stop_ids=frozenset(special[s] for s in opts.get("stop", []) if s in special),
                 )
             except Exception as e:
                 self.send({"id": jid, "t": "error", "status": 400, "error": str(e)})

@@ -66,8 +66,8 @@ async def errors_mw(request: web.Request, handler: Handler) -> web.StreamRespons
         return await handler(request)
     except ApiError as e:
         return error_response(e.status, e.message)
-    except web.HTTPRequestEntityTooLarge as e:
-        return error_response(413, f"request body too large (limit {e.max_size} bytes)")
+    except web.HTTPRequestEntityTooLarge:
+        return error_response(413, f"request body too large (limit {request.app[CONFIG].max_body_bytes} bytes)")
     except web.HTTPNotFound:
         return web.Response(status=404, text="404 page not found")
     except web.HTTPMethodNotAllowed:
@@ -224,7 +224,7 @@ async def api_ps(request: web.Request) -> web.Response:
         vram = r.info.get("param_bytes", 0) if str(r.info.get("device", "cpu")).startswith("cuda") else 0
         out.append({"name": r.spec.name, "model": r.spec.name, "size": r.spec.size, "digest": r.spec.digest,
                     "details": r.spec.details, "expires_at": rfc3339(expires, local=True), "size_vram": vram,
-                    "context_length": request.app[CONFIG].context_length, "_expires": expires})
+                    "context_length": r.spec.num_ctx, "_expires": expires})
     out.sort(key=lambda x: x.pop("_expires"), reverse=True)
     return json_response({"models": out})
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from omx.models.gotemplate import TemplateError
 from omx.models.names import InvalidDigest, InvalidModelName, ModelName, parse_digest
-from omx.models.prompt import render_generate
+from omx.models.prompt import parse_template
 from omx.models.store import BlobNotFound, InvalidModelInput, ModelNotFound, Store, StoreError
 from omx.protocols.api import ApiError, CreateRequest, normalize_options
 
@@ -38,7 +38,7 @@ def _check(req: CreateRequest) -> ModelName:
             raise ApiError(400, f'invalid model name in "from": "{req.from_}"') from None
     if req.template:
         try:
-            render_generate(req.template, system="", prompt="")
+            parse_template(req.template)  # Ollama only parses at create time; rendering needs real data
         except TemplateError as e:
             raise ApiError(400, f"template error: {e}") from None
     if req.license is not None and not (

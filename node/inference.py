@@ -55,7 +55,8 @@ class Inference:
     def load_spec(self, m: ResolvedModel) -> LoadSpec:
         kind, d, f = self.store.runner_files(m)
         return LoadSpec(key=m.digest, name=m.name.display_shortest(), kind=kind, dir=str(d),
-                        file=f, size=m.size, digest=m.digest, details=m.details)
+                        file=f, size=m.size, digest=m.digest, details=m.details,
+                        num_ctx=self.num_ctx(normalize_options(m.params)))
 
     def options_for(self, m: ResolvedModel, request_opts: dict[str, Any] | None) -> dict[str, Any]:
         opts = normalize_options(m.params)
@@ -154,7 +155,7 @@ async def generate(eng: Inference, req: GenerateRequest) -> AsyncIterator[dict[s
         try:
             prompt = render_generate(
                 req.template if req.template is not None else m.template,
-                system=req.system if req.system is not None else m.system,
+                system=req.system or m.system,
                 prompt=req.prompt,
                 suffix=req.suffix or None,
             )

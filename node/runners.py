@@ -35,6 +35,7 @@ class LoadSpec:
     size: int = 0
     digest: str = ""
     details: dict[str, Any] = field(default_factory=dict)
+    num_ctx: int = 0
 
 
 class RunnerDied(Exception):

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import select
+import signal
 import socket
 import subprocess
 import sys
@@ -218,7 +219,17 @@ def test_show_takes_one_field_flag():
 # ---- against a real node -------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def seeded(node) -> str:
+def cleanup(node):
+    """The node is shared with other modules: remove (and so unload) every model these tests made."""
+    yield
+    with node.client() as c:
+        for m in c.get("/api/tags").json()["models"]:
+            if m["name"].startswith("cli-"):
+                c.request("DELETE", "/api/delete", json={"model": m["name"]})
+
+
+@pytest.fixture(scope="module")
+def seeded(node, cleanup) -> str:
     """The demo model with a seed and a length cap, so `run` output is deterministic and non-empty."""
     name = "cli-seeded:latest"
     with node.client() as c:
@@ -238,7 +249,8 @@ def test_list_table_and_json(node):
     assert row.split()[1] == entry["digest"].removeprefix("sha256:")[:12]
     assert cli.human_bytes(entry["size"]) in row
     assert row.rstrip().endswith("ago")
-    assert ok(omx("ls", host=node.host)).stdout == table
+    assert all(ln == ln.rstrip() for ln in table.splitlines())
+    assert ok(omx("ls", host=node.host)).stdout.split()[:6] == table.split()[:6]
 
 
 @pytest.mark.timeout(120)
@@ -295,7 +307,7 @@ def test_ps_lists_loaded_model(node, seeded):
 
 
 @pytest.mark.timeout(120)
-def test_cp_rm_round_trip(node):
+def test_cp_rm_round_trip(node, cleanup):
     res = ok(omx("cp", MODEL, "cli-copy:v1", host=node.host))
     assert res.stdout == f"copied '{MODEL}' to 'cli-copy:v1'\n"
     assert "cli-copy:v1" in ok(omx("list", host=node.host)).stdout
@@ -314,7 +326,7 @@ def gguf_file(tmp_path_factory) -> Path:
 
 
 @pytest.mark.timeout(180)
-def test_create_from_gguf(node, gguf_file):
+def test_create_from_gguf(node, cleanup, gguf_file):
     res = ok(omx("create", "cli-gguf", "--from", str(gguf_file), host=node.host))
     assert "transferring model data" in res.stderr
     assert res.stderr.rstrip().endswith("success"), res.stderr
@@ -328,7 +340,7 @@ def test_create_from_gguf(node, gguf_file):
 
 
 @pytest.mark.timeout(180)
-def test_create_from_modelfile(node, gguf_file, tmp_path):
+def test_create_from_modelfile(node, cleanup, gguf_file, tmp_path):
     (tmp_path / "tiny.gguf").symlink_to(gguf_file)
     (tmp_path / "Modelfile").write_text(
         "# a comment\n"
@@ -356,12 +368,13 @@ def test_create_from_modelfile(node, gguf_file, tmp_path):
 
 
 @pytest.mark.timeout(180)
-def test_create_from_hf_dir(node, tmp_path):
+def test_create_from_hf_dir(node, cleanup, tmp_path):
     from omx.models.demo import build_llama_hf_dir
 
     hf = build_llama_hf_dir(tmp_path / "hf", seed=5)
     res = ok(omx("create", "cli-hf", "--from", str(hf), host=node.host))
     assert res.stderr.rstrip().endswith("success"), res.stderr
+    assert not any(ln.startswith("sha256:") for ln in res.stderr.splitlines()), "a status line was wrapped"
     assert "cli-hf:latest" in ok(omx("list", host=node.host)).stdout
     with node.client() as c:
         r = c.post("/api/generate", json={"model": "cli-hf", "prompt": "hi", "stream": False,
@@ -424,3 +437,31 @@ def test_interactive_chat_in_a_terminal(node, seeded):
             proc.wait()
         os.close(main_fd)
     assert b"Traceback" not in seen
+
+
+@pytest.mark.timeout(120)
+def test_node_start_execs_the_node(tmp_path):
+    """`omx node start ARGS` becomes the node process itself, with every argument passed through."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "omx.console.cli", "node", "start", "--host", "127.0.0.1", "--port", "0",
+         "--data-dir", str(tmp_path), "--no-demo", "--log-level", "INFO"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+    )
+    try:
+        assert proc.stdout is not None
+        url = None
+        for line in proc.stdout:
+            m = re.search(r"omx node listening on (http://\S+)", line)
+            if m:
+                url = m.group(1)
+                break
+        assert url, "node did not start"
+        data = json.loads(ok(omx("list", "--json", host=url)).stdout)
+        assert data == {"models": []}  # --no-demo reached the node
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
