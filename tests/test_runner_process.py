@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -121,3 +122,38 @@ def test_sigterm_drains_in_flight_request(tmp_path: Path) -> None:
         assert got[-1].get("done") is True, got[-1]
         assert n.proc.wait(60) == 0
     assert not runner_pids(n.proc.pid)
+
+
+def test_lru_unload_and_keep_alive_zero(tmp_path: Path) -> None:
+    from omx.models.demo import build_llama_gguf
+
+    n = start_node(tmp_path / "lru", env={"OMX_MAX_LOADED_MODELS": "1"})
+    try:
+        with httpx.Client(base_url=n.url, timeout=120) as c:
+            other = build_llama_gguf(tmp_path / "other.gguf", seed=9)
+            data = other.read_bytes()
+            digest = "sha256:" + hashlib.sha256(data).hexdigest()
+            assert c.post(f"/api/blobs/{digest}", content=data).status_code == 201
+            r = c.post("/api/create", json={"model": "other", "files": {"other.gguf": digest}, "stream": False})
+            assert r.status_code == 200 and r.json()["status"] == "success"
+
+            def loaded() -> list[str]:
+                return [m["name"] for m in c.get("/api/ps").json()["models"]]
+
+            gen = {"prompt": "hi", "stream": False, "options": {"num_predict": 2}}
+            assert c.post("/api/generate", json={"model": "omx-tiny", **gen}).status_code == 200
+            assert loaded() == ["omx-tiny:latest"]
+            assert c.post("/api/generate", json={"model": "other", **gen}).status_code == 200
+            assert loaded() == ["other:latest"]  # the idle least recently used model made room
+            assert len(runner_pids(n.proc.pid)) == 1
+            # keep_alive 0 with a prompt: answer, then unload
+            r = c.post("/api/generate", json={"model": "other", "keep_alive": 0, **gen})
+            assert r.status_code == 200 and r.json()["done"]
+            wait_for(lambda: loaded() == [], what="the model to unload")
+            wait_for(lambda: not runner_pids(n.proc.pid), what="the runner to exit")
+            # negative keep_alive keeps it loaded with an expiry far away
+            c.post("/api/generate", json={"model": "other", "keep_alive": -1, **gen})
+            (entry,) = c.get("/api/ps").json()["models"]
+            assert entry["expires_at"] > "2030"
+    finally:
+        assert n.stop() == 0
