@@ -131,6 +131,12 @@ def _check_think(m: ResolvedModel, raw: str, think: object) -> None:
         raise ApiError(400, f'"{raw}" does not support thinking')
 
 
+def _check_images(m: ResolvedModel, raw: str, has_images: bool) -> None:
+    """Images sent to a text-only model are an error, not silently dropped."""
+    if has_images and "vision" not in m.capabilities:
+        raise ApiError(400, f'"{raw}" does not support image input')
+
+
 async def generate(eng: Inference, req: GenerateRequest) -> AsyncIterator[dict[str, Any]]:
     """/api/generate as a stream of native chunks (the first chunk is final for load/unload)."""
     raw = req.model or ""
@@ -144,6 +150,7 @@ async def generate(eng: Inference, req: GenerateRequest) -> AsyncIterator[dict[s
         raise ApiError(400, f'"{raw}" does not support generate')
     if req.suffix and "insert" not in m.capabilities:
         raise ApiError(400, f'"{raw}" does not support insert')
+    _check_images(m, raw, bool(req.images))
     opts = eng.options_for(m, req.options)
     if not req.prompt and not req.images:
         reason, _ = await eng.load_or_unload(m, keep_alive)
@@ -190,6 +197,7 @@ async def chat(eng: Inference, req: ChatRequest) -> AsyncIterator[dict[str, Any]
         raise ApiError(400, f"{m.name.display_shortest()} does not support tools")
     opts = eng.options_for(m, req.options)
     messages = [msg.model_dump(exclude_none=True) for msg in req.messages or []]
+    _check_images(m, raw, any(msg.get("images") for msg in messages))
     for msg in messages:
         msg["role"] = msg.get("role", "").lower()
     if not messages:

@@ -165,6 +165,15 @@ def test_create_from_uploaded_gguf(oc: ollama.Client, node, tmp_path: Path) -> N
     oc.delete("created:tiny")
 
 
+def test_images_to_text_model_rejected(node) -> None:
+    with node.client() as c:
+        r = c.post("/api/generate", json={"model": "omx-tiny", "prompt": "x", "images": ["aGk="]})
+        assert r.status_code == 400 and r.json()["error"] == '"omx-tiny" does not support image input'
+        r = c.post("/api/chat", json={"model": "omx-tiny", "messages": [
+            {"role": "user", "content": "x", "images": ["aGk="]}]})
+        assert r.status_code == 400
+
+
 def test_invalid_format(node) -> None:
     with node.client() as c:
         r = c.post("/api/generate", json={"model": "omx-tiny", "prompt": "x", "format": "xml"})
