@@ -7,7 +7,7 @@ import math
 import os
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -41,6 +41,16 @@ class NodeConfig(BaseModel):
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="limit for JSON request bodies")
     shutdown_grace: float = Field(30.0, ge=0)
     origins: list[str] = Field(default_factory=list)
+    # cluster
+    region: str = Field("default", pattern=r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+    role: Literal["control", "worker"] = "control"
+    join: list[str] = Field(default_factory=list, description="gossip addresses of members to join")
+    cluster_key_file: Path | None = None
+    gossip_port: int = Field(7946, ge=0, le=65535)
+    raft_port: int = Field(7947, ge=0, le=65535)
+    raft_peers: list[str] = Field(default_factory=list, description="raft addresses of the other voters of the region")
+    gossip_profile: Literal["lan", "local"] = "lan"
+    suspicion_mult: int = Field(0, ge=0, le=100, description="SWIM suspicion multiplier; 0 keeps the profile's")
 
     @field_validator("keep_alive", mode="before")
     @classmethod
@@ -51,6 +61,22 @@ class NodeConfig(BaseModel):
                 return float(text)
             except ValueError:
                 return parse_go_duration(text)
+        return v
+
+    @field_validator("join", "raft_peers", mode="before")
+    @classmethod
+    def _addr_list(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = [x.strip() for x in v.split(",") if x.strip()]
+        return v
+
+    @field_validator("join", "raft_peers")
+    @classmethod
+    def _addrs(cls, v: list[str]) -> list[str]:
+        for a in v:
+            host, sep, port = a.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"{a!r} is not a HOST:PORT address")
         return v
 
     @field_validator("device")
@@ -83,6 +109,11 @@ _ENV = {
     "OMX_DTYPE": "dtype",
     "OMX_HOME": "data_dir",
     "OMX_MAX_BODY_BYTES": "max_body_bytes",
+    "OMX_REGION": "region",
+    "OMX_ROLE": "role",
+    "OMX_JOIN": "join",
+    "OMX_CLUSTER_KEY_FILE": "cluster_key_file",
+    "OMX_SUSPICION_MULT": "suspicion_mult",
 }
 
 

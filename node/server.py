@@ -16,7 +16,10 @@ from aiohttp import web
 
 from omx.models.store import Store
 from omx.node.app import CONFIG, INFER, RUNNERS, STORE, add_native_routes, errors_mw, make_host_check
+from omx.node.cluster import Cluster, ClusterStartError
+from omx.node.cluster_routes import CLUSTER, EVENTS, add_cluster_routes
 from omx.node.config import ConfigError, NodeConfig, load_config
+from omx.node.events import EventBus
 from omx.node.inference import Inference
 from omx.node.openai import add_openai_routes
 from omx.node.runners import RunnerManager
@@ -43,6 +46,9 @@ def build_app(cfg: NodeConfig) -> web.Application:
     app[INFER] = Inference(store=store, runners=runners, context_length=cfg.context_length)
     add_native_routes(app)
     add_openai_routes(app)
+    app[EVENTS] = EventBus()
+    app[CLUSTER] = Cluster(cfg, app[EVENTS], runners)
+    add_cluster_routes(app)
     app.cleanup_ctx.append(_runners_ctx)
     return app
 
@@ -63,7 +69,10 @@ def provision_demo(store: Store) -> bool:
 
 
 async def serve(cfg: NodeConfig) -> None:
-    app = build_app(cfg)
+    try:
+        app = build_app(cfg)
+    except ClusterStartError as e:
+        raise SystemExit(f"omx: {e}") from None
     if cfg.provision_demo:
         if await asyncio.to_thread(provision_demo, app[STORE]):
             log.info("provisioned the demo model omx-tiny:latest")
@@ -73,15 +82,29 @@ async def serve(cfg: NodeConfig) -> None:
     site = web.TCPSite(runner, cfg.host, cfg.port, reuse_address=True)
     await site.start()
     port = runner.addresses[0][1] if runner.addresses else cfg.port
+    host = cfg.host if cfg.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
+    api_url = f"http://{host}:{port}"
+    cluster = app[CLUSTER]
+    try:
+        await cluster.start(api_url)
+    except ClusterStartError as e:
+        await cluster.stop()
+        await runner.cleanup()
+        raise SystemExit(f"omx: {e}") from None
+    assert cluster.swim is not None
     # one parseable line so launchers and tests know where we listen (port 0 picks a free one)
-    print(f"omx node listening on http://{cfg.host}:{port} data_dir={cfg.data_dir}", flush=True)
+    print(f"omx node listening on {api_url} gossip={cluster.swim.address} id={cluster.id} "
+          f"region={cfg.region} role={cfg.role} data_dir={cfg.data_dir}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    # leave first: peers see a graceful departure (never a failure) and stop sending us work
+    await cluster.leave()
     log.info("shutting down: draining in-flight requests (grace %.0fs)", cfg.shutdown_grace)
     await runner.cleanup()
+    await cluster.stop()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,6 +115,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data-dir", type=Path, help="model store and state (default ~/.omx, env OMX_HOME)")
     ap.add_argument("--no-demo", action="store_true", help="do not provision the demo model on an empty store")
     ap.add_argument("--log-level", default=os.environ.get("OMX_LOG_LEVEL", "INFO"))
+    cl = ap.add_argument_group("cluster")
+    cl.add_argument("--region", help="region name (default 'default', env OMX_REGION)")
+    cl.add_argument("--role", choices=["control", "worker"], help="control nodes are the region's Raft voters")
+    cl.add_argument("--join", help="HOST:PORT[,...] gossip addresses of members to join")
+    cl.add_argument("--cluster-key-file", type=Path, help="shared cluster key (standalone nodes make their own)")
+    cl.add_argument("--gossip-port", type=int, help="SWIM port, UDP and TCP (default 7946; 0 picks one)")
+    cl.add_argument("--raft-port", type=int, help="Raft port of a control node (default 7947)")
+    cl.add_argument("--raft-peers", help="HOST:PORT[,...] Raft addresses of the region's other voters")
+    cl.add_argument("--gossip-profile", choices=["lan", "local"], help="protocol timings (local: one host)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     overrides: dict[str, object] = {"port": args.port, "data_dir": args.data_dir}
@@ -104,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
             overrides["port"] = addr.port
     if args.no_demo:
         overrides["provision_demo"] = False
+    for key in ("region", "role", "join", "cluster_key_file", "gossip_port", "raft_port", "raft_peers",
+                "gossip_profile"):
+        overrides[key] = getattr(args, key)
     try:
         cfg = load_config(args.config, overrides)
     except ConfigError as e:

@@ -259,6 +259,11 @@ class RegistryStateMachine(SyncObj):
                         log.exception("raft thread call failed")
                 self._after_tick()
         finally:
+            # pysyncobj saves the commit index once a second; save it now so a restarted voter can
+            # replay everything it had committed before any quorum forms (private name: no public hook).
+            journal = getattr(self, "_SyncObj__raftLog", None)
+            if journal is not None:
+                journal.onOneSecondTimer()
             self.destroy()  # with autoTick off this tears down transport and journal here, on their thread
 
     def _after_tick(self) -> None:
@@ -315,6 +320,7 @@ class Registry:
         self._sm = RegistryStateMachine(config, on_change)
         self._sm.start()
         self._closed = False
+        self._pending: set[asyncio.Future[tuple[Any, int]]] = set()
 
     @classmethod
     async def open(cls, config: RegistryConfig, on_change: ChangeCallback | None = None) -> Registry:
@@ -345,6 +351,7 @@ class Registry:
         retry_margin = 0.05 + 4 * self.config.tick_period
         while not self._closed:
             fut: asyncio.Future[tuple[Any, int]] = loop.create_future()
+            self._pending.add(fut)
             self._sm.apply_write(op, ts, plain_args, callback=_resolver(loop, fut))
             try:
                 async with asyncio.timeout_at(deadline):
@@ -353,6 +360,8 @@ class Registry:
                 raise RegistryTimeout(
                     f"registry {op}: not committed within {timeout:.1f}s ({self._why()}); it may still apply"
                 ) from None
+            finally:
+                self._pending.discard(fut)
             if err == FAIL_REASON.SUCCESS:
                 return result
             if err not in _NOT_APPLIED:
@@ -422,6 +431,9 @@ class Registry:
             return
         self._closed = True
         await asyncio.to_thread(self._sm.stop)
+        for fut in self._pending:
+            if not fut.done():
+                fut.set_exception(RegistryTimeout("the registry closed before the write was confirmed"))
 
 
 def _resolver(loop: asyncio.AbstractEventLoop, fut: asyncio.Future[tuple[Any, int]]) -> Callable[[Any, int], None]:

@@ -244,7 +244,8 @@ class Codec:
     """
 
     def __init__(self, node_id: str, key: bytes | Sequence[bytes] | None, *, max_packet: int = 65_000,
-                 max_skew: float = 120.0, clock: Callable[[], float] = time.time) -> None:
+                 max_stream: int = 32 * 1024 * 1024, max_skew: float = 120.0,
+                 clock: Callable[[], float] = time.time) -> None:
         keys: list[bytes] = [] if key is None else [key] if isinstance(key, bytes | bytearray) else list(key)
         for k in keys:
             if len(k) != 32:
@@ -254,12 +255,14 @@ class Codec:
         self.node_id = node_id
         self._aeads = [(key_id(k), ChaCha20Poly1305(bytes(k))) for k in keys]
         self.max_packet = max_packet
+        self.max_stream = max_stream
         self.max_skew = max_skew
         self._clock = clock
         self._counter = time.time_ns() // 1000
         self._replay = _ReplayGuard()
         self.drops: Counter[str] = Counter()
         self.accepted = 0
+        self.last_drop = ""
 
     @property
     def encrypted(self) -> bool:
@@ -278,10 +281,11 @@ class Codec:
 
     def _drop(self, reason: str) -> None:
         self.drops[reason] += 1
+        self.last_drop = reason
 
     def decode(self, data: bytes, *, stream: bool = False) -> tuple[str, tuple] | None:
         """Return ``(sender_id, message)`` or ``None`` (dropped, counted in ``drops``)."""
-        if len(data) > self.max_packet:
+        if len(data) > (self.max_stream if stream else self.max_packet):
             return self._drop("oversized")
         if len(data) < 3 or data[0] != WIRE_VERSION:
             return self._drop("garbage")

@@ -1,0 +1,324 @@
+"""The node's place in the cluster: SWIM membership, the region's Raft registry, and the glue between them.
+
+Membership is eventually consistent and says who is alive; the registry is strongly consistent and
+holds what operators decided (cordon, drain, removal) and what the leader concluded from
+membership (a node SWIM declared dead is marked dead). Only the region's Raft leader writes
+membership conclusions, so two nodes never race to record the same fact.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hmac
+import logging
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+from omx.node.config import NodeConfig
+from omx.node.events import EventBus
+from omx.node.identity import node_id
+from omx.node.runners import RunnerManager
+from omx.protocols.api import ApiError
+from omx.protocols.clusterkey import ClusterKeyError, derive, generate_key_file, read_key_file
+from omx.protocols.registry import (
+    Registry,
+    RegistryConfig,
+    RegistryError,
+    RegistryUnavailable,
+)
+from omx.protocols.swim import JoinError, Member, MemberEvent, SwimConfig, SwimNode
+
+log = logging.getLogger("omx.cluster")
+
+META_REFRESH = 1.0  # seconds between metadata refreshes (load counters, loaded models, raft role)
+
+
+def _remembered_port(path: Path, host: str) -> int:
+    """A free port picked once and kept, so a restarted single voter finds its journal under the same address."""
+    try:
+        return int(path.read_text())
+    except (FileNotFoundError, ValueError):
+        pass
+    with socket.socket() as s:
+        s.bind((host, 0))
+        port = int(s.getsockname()[1])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(str(port))
+    return port
+
+
+class ClusterStartError(Exception):
+    """The node cannot take its place in the cluster; the message is for the operator."""
+
+
+def load_cluster_key(cfg: NodeConfig) -> bytes:
+    """The configured key file; a standalone node with none makes its own (joining needs the shared one)."""
+    path = cfg.cluster_key_file
+    if path is None:
+        if cfg.join:
+            raise ClusterStartError("joining a cluster needs its key: pass --cluster-key-file FILE (the same file "
+                                    "every member uses)")
+        path = cfg.data_dir / "cluster.key"
+        if not path.exists():
+            generate_key_file(path)
+    try:
+        return read_key_file(Path(path))
+    except ClusterKeyError as e:
+        raise ClusterStartError(str(e)) from None
+
+
+class Cluster:
+    """Owns the SwimNode and (on control nodes) the Registry; exposes views for the HTTP API."""
+
+    def __init__(self, cfg: NodeConfig, events: EventBus, runners: RunnerManager) -> None:
+        self.cfg = cfg
+        self.events = events
+        self.runners = runners
+        self.id = node_id(cfg.data_dir)
+        self.key = load_cluster_key(cfg)
+        self.http_token = derive(self.key, "internal http").hex()
+        self.swim: SwimNode | None = None
+        self.registry: Registry | None = None
+        self.api_url = ""
+        self.raft_addr: str | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._last_leader: str | None = None
+        self._left = False
+
+    # ---- lifetime -----------------------------------------------------------------------------
+    async def start(self, api_url: str) -> None:
+        cfg = self.cfg
+        self.api_url = api_url
+        host = cfg.host if cfg.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
+        if cfg.role == "control":
+            raft_port = cfg.raft_port
+            if raft_port == 0:
+                if cfg.raft_peers:
+                    raise ClusterStartError("--raft-port 0 only works for a single voter: its peers need to know it")
+                raft_port = _remembered_port(cfg.data_dir / "raft_port", cfg.host)
+            self.raft_addr = f"{host}:{raft_port}"
+            try:
+                self.registry = await Registry.open(
+                    RegistryConfig(self_addr=self.raft_addr, partners=tuple(cfg.raft_peers),
+                                   data_dir=cfg.data_dir / "raft", password=derive(self.key, "raft").hex(),
+                                   bind_addr=f"{cfg.host}:{raft_port}"),
+                    on_change=self._on_registry_change_threadsafe(asyncio.get_running_loop()),
+                )
+            except RegistryError as e:
+                raise ClusterStartError(f"cannot start the registry on {self.raft_addr}: {e}") from None
+        profile = SwimConfig.local() if cfg.gossip_profile == "local" else SwimConfig.lan()
+        if cfg.suspicion_mult:
+            profile = dataclasses.replace(profile, suspicion_mult=cfg.suspicion_mult)
+        self.swim = SwimNode(self.id, bind_host=cfg.host, bind_port=cfg.gossip_port, key=derive(self.key, "gossip"),
+                             meta=self._meta(), config=profile, advertise_host=host, on_event=self._on_member)
+        try:
+            await self.swim.start()
+        except OSError as e:
+            raise ClusterStartError(f"cannot listen for gossip on {cfg.host}:{cfg.gossip_port}: "
+                                    f"{e.strerror or e}") from None
+        if cfg.join:
+            await self.join(cfg.join)
+        self._tasks.append(asyncio.create_task(self._refresh_loop(), name="cluster-refresh"))
+
+    async def join(self, peers: list[str]) -> int:
+        assert self.swim is not None
+        try:
+            n = await self.swim.join(peers)
+        except JoinError as e:
+            raise ClusterStartError(f"could not join {', '.join(peers)}: {e}") from None
+        except ValueError as e:
+            raise ClusterStartError(f"could not join {', '.join(peers)}: {e}") from None
+        self.events.publish("node.joined_cluster", peers=peers, answered=n)
+        return n
+
+    async def leave(self) -> None:
+        if self.swim is not None and not self._left:
+            self._left = True
+            with contextlib.suppress(Exception):
+                await self.swim.leave()
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        await self.leave()
+        if self.swim is not None:
+            await self.swim.stop()
+        if self.registry is not None:
+            await self.registry.close()
+
+    # ---- metadata and events --------------------------------------------------------------------
+    def _meta(self) -> dict[str, Any]:
+        cfg = self.cfg
+        raft: dict[str, Any] | None = None
+        if self.registry is not None:
+            st = self.registry.status()
+            raft = {"addr": self.raft_addr, "state": st.get("raft_state"), "leader": st.get("leader"),
+                    "term": st.get("term")}
+        loaded = sorted(r.spec.name for r in self.runners.runners.values() if not r.dead)[:16]
+        inflight = sum(r.inflight for r in self.runners.runners.values())
+        return {"region": cfg.region, "role": cfg.role, "api": self.api_url, "raft": raft, "models": loaded,
+                "inflight": inflight, "slots": cfg.num_parallel * cfg.max_loaded_models}
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            await asyncio.sleep(META_REFRESH)
+            try:
+                self._refresh()
+                if self.registry is not None and self.registry.is_leader:
+                    await self._reconcile_membership()
+            except Exception:
+                log.exception("cluster refresh failed")
+
+    def _refresh(self) -> None:
+        assert self.swim is not None
+        meta = self._meta()
+        me = self.swim.get(self.id)
+        if me is None or dict(me.meta or {}) != meta:
+            self.swim.set_meta(meta)
+        if self.registry is not None:
+            leader = self.registry.status().get("leader")
+            if leader != self._last_leader:
+                self._last_leader = leader
+                self.events.publish("raft.leader", region=self.cfg.region, leader=leader, by=self.id)
+
+    def _on_member(self, ev: MemberEvent) -> None:
+        m = ev.member
+        if ev.kind == "meta_updated":
+            return  # load counters change every second; the cluster view shows them without an event each
+        self.events.publish(f"member.{ev.kind}", id=m.id, address=f"{m.host}:{m.port}",
+                            region=(m.meta or {}).get("region"), incarnation=m.incarnation)
+
+    def _on_registry_change_threadsafe(self, loop: asyncio.AbstractEventLoop) -> Any:
+        def on_change(revision: int, kind: str, key: str, value: Any) -> None:
+            loop.call_soon_threadsafe(
+                lambda: self.events.publish(f"registry.{kind}", revision=revision, key=key, value=value))
+
+        return on_change
+
+    async def _reconcile_membership(self) -> None:
+        """Leader duty: record in the registry what membership concluded about this region's nodes."""
+        assert self.swim is not None and self.registry is not None
+        nodes = self.registry.snapshot().get("nodes", {})
+        for m in self.swim.members():
+            meta = m.meta or {}
+            if meta.get("region") != self.cfg.region:
+                continue
+            rec = nodes.get(m.id)
+            state = m.state if m.state in ("alive", "suspect", "dead", "left") else "alive"
+            if rec is None:
+                if state in ("alive", "suspect"):
+                    await self.registry.write("upsert_node", m.id, {
+                        "region": meta.get("region"), "role": meta.get("role"), "api_addr": meta.get("api"),
+                        "state": "alive"})
+            elif state in ("dead", "left") and rec.get("state") != state:
+                await self.registry.write("set_node_fields", m.id, {"state": state})
+            elif state == "alive" and rec.get("state") in ("dead", "left"):
+                await self.registry.write("set_node_fields", m.id, {"state": "alive"})
+
+    # ---- views ------------------------------------------------------------------------------------
+    def member_view(self, m: Member, registry_nodes: dict[str, Any]) -> dict[str, Any]:
+        meta = dict(m.meta or {})
+        reg = registry_nodes.get(m.id, {})
+        return {"id": m.id, "status": m.state, "region": meta.get("region"), "role": meta.get("role"),
+                "gossip_addr": f"{m.host}:{m.port}", "api_addr": meta.get("api"), "incarnation": m.incarnation,
+                "raft": meta.get("raft"), "models": meta.get("models", []), "inflight": meta.get("inflight", 0),
+                "cordoned": bool(reg.get("cordoned", False)), "draining": bool(reg.get("draining", False)),
+                "meta": meta, "self": m.id == self.id}
+
+    def registry_nodes(self) -> dict[str, Any]:
+        return self.registry.snapshot().get("nodes", {}) if self.registry is not None else {}
+
+    def view(self) -> dict[str, Any]:
+        assert self.swim is not None
+        nodes = self.registry_nodes()
+        members = [self.member_view(m, nodes) for m in sorted(self.swim.members(), key=lambda m: m.id)]
+        counts: dict[str, int] = {}
+        for m in members:
+            counts[m["status"]] = counts.get(m["status"], 0) + 1
+        return {"self": self.id, "region": self.cfg.region, "members": members, "counts": counts,
+                "leaders": self.leaders()}
+
+    def leaders(self) -> dict[str, Any]:
+        """Per region: the Raft leader as its voters advertise it in gossip."""
+        assert self.swim is not None
+        out: dict[str, Any] = {}
+        members = [m for m in self.swim.members() if m.state in ("alive", "suspect")]
+        by_raft = {(m.meta or {}).get("raft", {}).get("addr"): m for m in members if (m.meta or {}).get("raft")}
+        for m in members:
+            raft = (m.meta or {}).get("raft")
+            if not raft:
+                continue
+            region = (m.meta or {}).get("region")
+            leader_addr = raft.get("leader")
+            leader = by_raft.get(leader_addr)
+            cur = out.get(region)
+            if leader is not None and (cur is None or (raft.get("term") or 0) > (cur.get("term") or 0)):
+                out[region] = {"region": region, "id": leader.id, "raft_addr": leader_addr,
+                               "api_addr": (leader.meta or {}).get("api"), "term": raft.get("term")}
+        return out
+
+    def status(self) -> dict[str, Any]:
+        assert self.swim is not None
+        me = self.swim.get(self.id)
+        counts: dict[str, int] = {}
+        for m in self.swim.members():
+            counts[m.state] = counts.get(m.state, 0) + 1
+        return {"id": self.id, "region": self.cfg.region, "role": self.cfg.role, "api_addr": self.api_url,
+                "gossip_addr": self.swim.address, "membership": me.state if me else "unknown",
+                "incarnation": me.incarnation if me else None, "local_health": self.swim.local_health,
+                "members": counts, "raft": self.registry.status() if self.registry else None,
+                "gossip_stats": self.swim.stats(), "time": time.time()}
+
+    # ---- registry writes from any node --------------------------------------------------------------
+    async def registry_write(self, op: str, *args: Any) -> dict[str, Any]:
+        """Write through this node's registry, or forward to a control node of the region."""
+        if self.registry is not None:
+            try:
+                res = await self.registry.write(op, *args)
+            except RegistryUnavailable as e:
+                raise ApiError(503, f"registry unavailable: {e}") from None
+            except RegistryError as e:
+                raise ApiError(503, f"registry write failed: {e}") from None
+            if not res.ok:
+                status = {"not_found": 404, "conflict": 409, "invalid": 400}.get(res.error or "", 500)
+                raise ApiError(status, res.message or str(res.error))
+            return {"ok": True, "revision": res.revision, "version": res.version}
+        return await self._forward_write(op, list(args))
+
+    async def _forward_write(self, op: str, args: list[Any]) -> dict[str, Any]:
+        import aiohttp
+
+        assert self.swim is not None
+        targets = [m for m in self.swim.members() if m.state == "alive" and (m.meta or {}).get("role") == "control"
+                   and (m.meta or {}).get("region") == self.cfg.region and (m.meta or {}).get("api")]
+        targets.sort(key=lambda m: not (((m.meta or {}).get("raft") or {}).get("state") == "leader"))
+        if not targets:
+            raise ApiError(503, f"no control node of region {self.cfg.region!r} is reachable")
+        last = "no answer"
+        async with aiohttp.ClientSession() as s:
+            for m in targets[:3]:
+                url = (m.meta or {})["api"] + "/api/v1/internal/registry"
+                try:
+                    async with s.post(url, json={"op": op, "args": args}, timeout=aiohttp.ClientTimeout(total=10),
+                                      headers={"Authorization": f"Bearer {self.http_token}"}) as r:
+                        body = await r.json(content_type=None)
+                        if r.status == 200:
+                            return body
+                        if r.status < 500:
+                            raise ApiError(r.status, body.get("error", f"HTTP {r.status}"))
+                        last = body.get("error", f"HTTP {r.status}")
+                except (aiohttp.ClientError, TimeoutError, ValueError) as e:
+                    last = str(e) or type(e).__name__
+        raise ApiError(503, f"registry unavailable: {last}")
+
+    def check_internal_auth(self, header: str | None) -> None:
+        want = f"Bearer {self.http_token}"
+        if not header or not hmac.compare_digest(header.encode(), want.encode()):
+            raise ApiError(403, "internal route: missing or wrong cluster credentials")

@@ -1,0 +1,160 @@
+"""A real 5-node cluster on loopback: convergence, failure detection, refutation, leave, Raft failover, restart.
+
+Three control nodes form the region's Raft group; two workers join through the first node. The
+suspicion multiplier is raised so a paused node has a few seconds to come back and refute on busy
+CI machines, which is the behaviour under test (a short pause is not a failure).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from omx.node.launch import NodeProc, start_cluster, wait_until
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def view(node: NodeProc) -> dict:
+    return httpx.get(node.url + "/api/v1/cluster", timeout=5).json()
+
+
+def status_of(node: NodeProc, target: NodeProc) -> str | None:
+    for m in view(node)["members"]:
+        if m["id"] == target.id:
+            return m["status"]
+    return None
+
+
+def everyone_sees(nodes: list[NodeProc], target: NodeProc, states: set[str]) -> bool:
+    return all(status_of(n, target) in states for n in nodes)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory):
+    base = tmp_path_factory.mktemp("cluster")
+    nodes = start_cluster(base, 5, 1, "--no-demo", env={"OMX_SUSPICION_MULT": "12", "OMX_LOG_LEVEL": "INFO"})
+    try:
+        yield nodes
+    finally:
+        for n in nodes:
+            if n.proc.poll() is None:
+                n.proc.send_signal(signal.SIGCONT)
+                n.stop(signal.SIGKILL)
+
+
+def test_five_nodes_converge(cluster: list[NodeProc]) -> None:
+    ids = {n.id for n in cluster}
+    wait_until(lambda: all({m["id"] for m in view(n)["members"] if m["status"] == "alive"} == ids for n in cluster),
+               60, what="all 5 nodes to see 5 alive members")
+    v = view(cluster[3])  # a worker shows the whole cluster too
+    roles = sorted(m["role"] for m in v["members"])
+    assert roles == ["control", "control", "control", "worker", "worker"]
+    leader = httpx.get(cluster[4].url + "/api/v1/cluster/leader", timeout=5).json()
+    assert leader["id"] in {n.id for n in cluster[:3]}
+    st = httpx.get(cluster[0].url + "/api/v1/node/status", timeout=5).json()
+    assert st["membership"] == "alive" and st["raft"]["has_quorum"] and st["members"] == {"alive": 5}
+
+
+def test_wrong_key_join_fails_with_one_clear_message(cluster: list[NodeProc], tmp_path: Path) -> None:
+    from omx.node.launch import spawn_node
+    from omx.protocols.clusterkey import generate_key_file
+
+    key = tmp_path / "other.key"
+    generate_key_file(key)
+    alive = next(n for n in cluster if n.proc.poll() is None)
+    n = spawn_node(tmp_path / "intruder", "--no-demo", "--role", "worker", "--cluster-key-file", str(key),
+                   "--join", alive.gossip)
+    assert n.proc.wait(60) != 0
+    out = "".join(n.log)
+    assert "cluster key" in out and "Traceback" not in out
+    bad = spawn_node(tmp_path / "badaddr", "--no-demo", "--role", "worker", "--cluster-key-file", str(key),
+                     "--join", "127.0.0.1:1")
+    assert bad.proc.wait(60) != 0
+    assert "could not join" in "".join(bad.log) and "Traceback" not in "".join(bad.log)
+
+
+def test_paused_node_is_suspected_then_refutes(cluster: list[NodeProc]) -> None:
+    target, others = cluster[3], [n for n in cluster if n is not cluster[3]]
+    os.kill(target.proc.pid, signal.SIGSTOP)
+    try:
+        wait_until(lambda: any(status_of(n, target) == "suspect" for n in others), 30, 0.05,
+                   what="a member to suspect the paused node")
+    finally:
+        os.kill(target.proc.pid, signal.SIGCONT)
+    wait_until(lambda: everyone_sees(others, target, {"alive"}), 30, what="the node to refute and be alive")
+    events = httpx.get(cluster[0].url + "/api/v1/events/recent", timeout=5).json()["events"]
+    assert not [e for e in events if e["kind"] == "member.dead" and e["data"]["id"] == target.id]
+
+
+def test_killed_node_is_detected_by_all(cluster: list[NodeProc]) -> None:
+    victim, others = cluster[4], cluster[:4]
+    victim.proc.kill()
+    victim.proc.wait(10)
+    wait_until(lambda: everyone_sees(others, victim, {"dead"}), 60, what="every node to declare the killed node dead")
+    # the region leader records the verdict in the registry
+    wait_until(lambda: httpx.get(cluster[0].url + "/api/v1/registry", timeout=5).json()["state"]["nodes"]
+               .get(victim.id, {}).get("state") == "dead", 30, what="the registry to mark the node dead")
+
+
+def test_graceful_leave_is_not_a_failure(cluster: list[NodeProc]) -> None:
+    leaver, others = cluster[3], cluster[:3]
+    r = httpx.post(leaver.url + "/api/v1/node/leave", timeout=10)
+    assert r.status_code == 200
+    wait_until(lambda: everyone_sees(others, leaver, {"left"}), 30, what="every node to see the node left")
+    events = httpx.get(cluster[0].url + "/api/v1/events/recent", timeout=5).json()["events"]
+    assert not [e for e in events if e["kind"] == "member.dead" and e["data"]["id"] == leaver.id]
+    assert leaver.stop() == 0
+
+
+def _cordon_somewhere(nodes: list[NodeProc], target_id: str) -> bool:
+    for n in nodes:
+        try:
+            r = httpx.post(f"{n.url}/api/v1/nodes/{target_id}/cordon", timeout=2)
+        except httpx.HTTPError:
+            continue
+        if r.status_code == 200:
+            return True
+    return False
+
+
+def test_leader_killed_writes_resume_quickly_then_full_restart_keeps_registry(cluster: list[NodeProc]) -> None:
+    controls = cluster[:3]
+    assert _cordon_somewhere(controls, controls[0].id)
+    leader_id = httpx.get(controls[0].url + "/api/v1/cluster/leader", timeout=5).json()["id"]
+    leader = next(n for n in controls if n.id == leader_id)
+    survivors = [n for n in controls if n is not leader]
+    t0 = time.monotonic()
+    leader.proc.kill()
+    leader.proc.wait(10)
+    wait_until(lambda: _cordon_somewhere(survivors, survivors[0].id), 30, 0.05, what="a write after leader loss")
+    resumed = time.monotonic() - t0
+    print(f"\nwrites resumed {resumed:.2f}s after the Raft leader was killed")
+    assert resumed < 3.0
+    # stop every voter, restart them all on the same data dirs and ports: nothing committed is lost
+    before = httpx.get(survivors[0].url + "/api/v1/registry", timeout=5).json()["state"]
+    for n in survivors:
+        assert n.stop() == 0
+    restarted = [n.restart() for n in controls]
+    try:
+        for n in restarted:
+            n.wait_ready(120)
+
+        def state(n: NodeProc) -> dict:
+            return httpx.get(n.url + "/api/v1/registry", timeout=5).json()["state"]
+
+        # the voter killed earlier catches up from the others' journals
+        wait_until(lambda: all(state(n)["revision"] >= before["revision"] for n in restarted), 60,
+                   what="every restarted voter to hold every committed entry")
+        for n in restarted:
+            after = state(n)
+            for nid in (controls[0].id, survivors[0].id):
+                assert after["nodes"][nid]["cordoned"] is True
+    finally:
+        for n in restarted:
+            n.stop(signal.SIGKILL)
