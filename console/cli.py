@@ -934,6 +934,109 @@ def node_start(ctx: typer.Context) -> None:
     os.execv(sys.executable, argv)
 
 
+@app.command("up", context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
+                                    "help_option_names": []})
+def up(ctx: typer.Context) -> None:
+    """Start a local cluster of real nodes: runs `python -m omx.node up [--nodes N] [--regions R] [--data-dir D]`."""
+    sys.stdout.flush()
+    os.execv(sys.executable, [sys.executable, "-m", "omx.node", "up", *ctx.args])
+
+
+@node_app.command("status")
+def node_status(host: HostOpt = None, as_json: JsonOpt = False) -> None:
+    """This node: id, region, role, membership state, Raft state, leader, term, commit index, member counts."""
+    st = _client(host).json("GET", "/api/v1/node/status")
+    if as_json:
+        _print_json(st)
+        return
+    raft = st.get("raft") or {}
+    rows = [
+        ("id", st.get("id")), ("region", st.get("region")), ("role", st.get("role")),
+        ("api", st.get("api_addr")), ("gossip", st.get("gossip_addr")),
+        ("membership", f"{st.get('membership')} (incarnation {st.get('incarnation')}, "
+                       f"local health {st.get('local_health')})"),
+        ("members", ", ".join(f"{k} {v}" for k, v in sorted((st.get("members") or {}).items()))),
+    ]
+    if raft:
+        rows += [("raft", f"{raft.get('raft_state')} at {raft.get('self')}"), ("leader", raft.get("leader") or "none"),
+                 ("term", raft.get("term")), ("commit index", raft.get("commit_index")),
+                 ("quorum", "yes" if raft.get("has_quorum") else "NO")]
+    else:
+        rows.append(("raft", "not a voter (worker)"))
+    table = _table("FIELD", "VALUE")
+    for k, v in rows:
+        table.add_row(k, str(v))
+    _print_table(table)
+
+
+@node_app.command("leave")
+def node_leave(host: HostOpt = None) -> None:
+    """Leave the cluster gracefully (peers record 'left', never a failure); the process keeps running."""
+    res = _client(host).json("POST", "/api/v1/node/leave")
+    print(f"node {res.get('id')} left the cluster")
+
+
+@app.command("join")
+def join_cmd(peers: Annotated[str, typer.Option("--peers", help="HOST:PORT[,...] gossip addresses of members.")],
+             host: HostOpt = None) -> None:
+    """Ask a running node to join a cluster through the given members."""
+    addrs = [p.strip() for p in peers.split(",") if p.strip()]
+    res = _client(host).json("POST", "/api/v1/cluster/join", {"peers": addrs})
+    print(f"joined through {res.get('joined')} of {len(addrs)} peer(s); {res.get('members')} members known")
+
+
+@app.command("cluster")
+def cluster_cmd(host: HostOpt = None, as_json: JsonOpt = False) -> None:
+    """Every member of the cluster as this node sees it: status, region, role, addresses, Raft role."""
+    data = _client(host).json("GET", "/api/v1/cluster")
+    if as_json:
+        _print_json(data)
+        return
+    table = _table("ID", "STATUS", "REGION", "ROLE", "RAFT", "API", "GOSSIP", "MODELS")
+    for m in data.get("members") or []:
+        raft = m.get("raft") or {}
+        role = raft.get("state", "-") if raft else "-"
+        flags = " cordoned" if m.get("cordoned") else ""
+        table.add_row(str(m.get("id")) + (" *" if m.get("self") else ""), str(m.get("status")) + flags,
+                      str(m.get("region")), str(m.get("role")), str(role), str(m.get("api_addr")),
+                      str(m.get("gossip_addr")), ", ".join(m.get("models") or []))
+    _print_table(table)
+
+
+@app.command("keygen")
+def keygen(path: Annotated[Path, typer.Argument(help="Where to write the new cluster key (mode 600).")]) -> None:
+    """Create a cluster key file; every node of the cluster starts with --cluster-key-file pointing at a copy."""
+    from omx.protocols.clusterkey import generate_key_file
+
+    try:
+        generate_key_file(path)
+    except FileExistsError:
+        raise CliError(f"{path} already exists; refusing to overwrite a cluster key") from None
+    except OSError as e:
+        raise CliError(f"cannot write {path}: {e.strerror}") from None
+    print(f"wrote a new cluster key to {path}")
+
+
+for _action, _help in (("cordon", "Stop placing work on a node."), ("uncordon", "Allow work on a node again."),
+                       ("drain", "Cordon a node and move its work elsewhere.")):
+    def _make(action: str) -> Callable[..., None]:
+        def cmd(node_id: Annotated[str, typer.Argument(help="Node id.")], host: HostOpt = None) -> None:
+            _client(host).json("POST", f"/api/v1/nodes/{node_id}/{action}")
+            print(f"{action}ed {node_id}")
+
+        return cmd
+
+    node_app.command(_action, help=_help)(_make(_action))
+
+
+@node_app.command("remove")
+def node_remove(node_id: Annotated[str, typer.Argument(help="Node id.")], host: HostOpt = None,
+                force: Annotated[bool, typer.Option("--force", help="Remove even if still alive.")] = False) -> None:
+    """Remove a node from the region's registry."""
+    _client(host).json("DELETE", f"/api/v1/nodes/{node_id}" + ("?force=true" if force else ""))
+    print(f"removed {node_id}")
+
+
 @app.command()
 def version(host: HostOpt = None, as_json: JsonOpt = False) -> None:
     """Show the client and node versions."""

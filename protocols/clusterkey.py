@@ -32,7 +32,7 @@ def read_key_file(path: Path) -> bytes:
         text = path.read_text().strip()
     except FileNotFoundError:
         raise ClusterKeyError(
-            f"cluster key file {path} does not exist (create one with `omx cluster keygen {path}`)"
+            f"cluster key file {path} does not exist (create one with `omx keygen {path}`)"
         ) from None
     except OSError as e:
         raise ClusterKeyError(f"cluster key file {path}: {e.strerror}") from None

@@ -158,3 +158,68 @@ def test_leader_killed_writes_resume_quickly_then_full_restart_keeps_registry(cl
     finally:
         for n in restarted:
             n.stop(signal.SIGKILL)
+
+
+def test_two_regions_one_gossip_cluster_two_raft_groups(tmp_path: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    nodes = start_cluster(tmp_path, 4, 2, "--no-demo")
+    try:
+        regions = {n.id: n.argv[n.argv.index("--region") + 1] for n in nodes}
+        wait_until(lambda: all(len([m for m in view(n)["members"] if m["status"] == "alive"]) == 4 for n in nodes),
+                   60, what="4 alive members everywhere")
+        wait_until(lambda: set(view(nodes[0])["leaders"]) == {"region-1", "region-2"}, 60,
+                   what="a Raft leader in each region")
+        for n in nodes:
+            reg = httpx.get(n.url + "/api/v1/registry", timeout=5).json()
+            wait_until(lambda n=n: set(httpx.get(n.url + "/api/v1/registry", timeout=5).json()["state"]["nodes"])
+                       == {i for i, r in regions.items() if r == regions[n.id]}, 30,
+                       what="each region's registry to hold exactly its own nodes")
+            assert reg["status"]["has_quorum"]
+        # the CLI shows the same, as JSON for scripts
+        env = {**os.environ, "OMX_HOST": nodes[1].host}
+        out = subprocess.run([sys.executable, "-m", "omx.console.cli", "node", "status", "--json"], env=env,
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        st = json.loads(out.stdout)
+        assert st["id"] == nodes[1].id and st["region"] == "region-2" and st["raft"]["raft_state"] in (
+            "leader", "follower")
+        out = subprocess.run([sys.executable, "-m", "omx.console.cli", "cluster", "--json"], env=env,
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0 and len(json.loads(out.stdout)["members"]) == 4
+    finally:
+        for n in nodes:
+            n.stop(signal.SIGKILL)
+
+
+@pytest.mark.timeout(240)
+def test_omx_up_starts_a_cluster_and_stops_it_on_ctrl_c(tmp_path: Path) -> None:
+    import re
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "omx.console.cli", "up", "--nodes", "3", "--port", "0",
+                             "--data-dir", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    urls: list[str] = []
+    assert proc.stdout is not None
+    try:
+        for line in proc.stdout:
+            urls += re.findall(r"(http://127\.0\.0\.1:\d+)", line)
+            if "Ctrl-C" in line:
+                break
+        assert len(urls) == 3
+        wait_until(lambda: httpx.get(urls[0] + "/api/v1/cluster", timeout=5).json()["counts"] == {"alive": 3}, 60,
+                   what="3 alive members")
+        proc.send_signal(signal.SIGINT)
+        rest = proc.stdout.read()
+        assert proc.wait(60) == 0, rest
+        assert "stopped" in rest
+        for u in urls:
+            with pytest.raises(httpx.HTTPError):
+                httpx.get(u + "/api/version", timeout=2)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
