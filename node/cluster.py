@@ -192,8 +192,15 @@ class Cluster:
         m = ev.member
         if ev.kind == "meta_updated":
             return  # load counters change every second; the cluster view shows them without an event each
+        meta = m.meta or {}
         self.events.publish(f"member.{ev.kind}", id=m.id, address=f"{m.host}:{m.port}",
-                            region=(m.meta or {}).get("region"), incarnation=m.incarnation)
+                            region=meta.get("region"), incarnation=m.incarnation)
+        if ev.kind == "dead" and meta.get("role") == "control":
+            # Voters are fixed at start (no automatic replacement yet): report the lost voter loudly instead.
+            raft = meta.get("raft") or {}
+            log.warning("Raft voter %s (%s) of region %s is dead; the region keeps quorum only while a majority "
+                        "of its voters lives", m.id, raft.get("addr"), meta.get("region"))
+            self.events.publish("raft.voter_down", id=m.id, region=meta.get("region"), raft_addr=raft.get("addr"))
 
     def _on_registry_change_threadsafe(self, loop: asyncio.AbstractEventLoop) -> Any:
         def on_change(revision: int, kind: str, key: str, value: Any) -> None:

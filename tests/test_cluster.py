@@ -97,6 +97,9 @@ def test_killed_node_is_detected_by_all(cluster: list[NodeProc]) -> None:
     victim.proc.kill()
     victim.proc.wait(10)
     wait_until(lambda: everyone_sees(others, victim, {"dead"}), 60, what="every node to declare the killed node dead")
+    if victim in cluster[:3]:
+        kinds = [e["kind"] for e in httpx.get(others[0].url + "/api/v1/events/recent", timeout=5).json()["events"]]
+        assert "raft.voter_down" in kinds
     # the region leader records the verdict in the registry
     wait_until(lambda: httpx.get(cluster[0].url + "/api/v1/registry", timeout=5).json()["state"]["nodes"]
                .get(victim.id, {}).get("state") == "dead", 30, what="the registry to mark the node dead")
