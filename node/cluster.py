@@ -12,7 +12,9 @@ import asyncio
 import contextlib
 import dataclasses
 import hmac
+import json
 import logging
+import os
 import socket
 import time
 from pathlib import Path
@@ -120,9 +122,51 @@ class Cluster:
         except OSError as e:
             raise ClusterStartError(f"cannot listen for gossip on {cfg.host}:{cfg.gossip_port}: "
                                     f"{e.strerror or e}") from None
-        if cfg.join:
-            await self.join(cfg.join)
+        seeds = list(dict.fromkeys([*cfg.join, *self._remembered_peers()]))
+        if seeds:
+            await self._join_with_retry(seeds, explicit=bool(cfg.join))
         self._tasks.append(asyncio.create_task(self._refresh_loop(), name="cluster-refresh"))
+
+    async def _join_with_retry(self, seeds: list[str], explicit: bool) -> None:
+        """Whole-cluster restarts bring nodes up in any order: keep trying until `join_timeout`,
+        except when a member answered and refused our key (retrying cannot fix that)."""
+        assert self.swim is not None
+        deadline = time.monotonic() + self.cfg.join_timeout
+        delay = 0.2
+        while True:
+            try:
+                n = await self.swim.join(seeds)
+                self.events.publish("node.joined_cluster", peers=seeds, answered=n)
+                return
+            except JoinError as e:
+                if e.key_rejected or time.monotonic() + delay > deadline:
+                    if not explicit and not e.key_rejected:
+                        log.warning("no remembered peer answered (%s); starting alone", e)
+                        return
+                    raise ClusterStartError(f"could not join {', '.join(seeds)}: {e}") from None
+            except ValueError as e:
+                raise ClusterStartError(f"could not join {', '.join(seeds)}: {e}") from None
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+    def _peers_file(self) -> Path:
+        return self.cfg.data_dir / "peers.json"
+
+    def _remembered_peers(self) -> list[str]:
+        try:
+            peers = json.loads(self._peers_file().read_text())
+        except (FileNotFoundError, ValueError):
+            return []
+        return [p for p in peers if isinstance(p, str)][:32] if isinstance(peers, list) else []
+
+    def _remember_peers(self) -> None:
+        """Known members' gossip addresses, so a restarted node can rejoin through any of them."""
+        assert self.swim is not None
+        peers = sorted(f"{m.host}:{m.port}" for m in self.swim.members() if m.id != self.id and m.state == "alive")
+        if peers and peers != self._remembered_peers():
+            tmp = self._peers_file().with_suffix(".tmp")
+            tmp.write_text(json.dumps(peers))
+            os.replace(tmp, self._peers_file())
 
     async def join(self, peers: list[str]) -> int:
         assert self.swim is not None
@@ -171,6 +215,7 @@ class Cluster:
             await asyncio.sleep(META_REFRESH)
             try:
                 self._refresh()
+                self._remember_peers()
                 if self.registry is not None and self.registry.is_leader:
                     await self._reconcile_membership()
             except Exception:

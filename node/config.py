@@ -50,6 +50,7 @@ class NodeConfig(BaseModel):
     raft_port: int = Field(7947, ge=0, le=65535)
     raft_peers: list[str] = Field(default_factory=list, description="raft addresses of the other voters of the region")
     gossip_profile: Literal["lan", "local"] = "lan"
+    join_timeout: float = Field(30.0, ge=0, description="how long to keep retrying unreachable join seeds")
     suspicion_mult: int = Field(0, ge=0, le=100, description="SWIM suspicion multiplier; 0 keeps the profile's")
 
     @field_validator("keep_alive", mode="before")
@@ -114,6 +115,7 @@ _ENV = {
     "OMX_JOIN": "join",
     "OMX_CLUSTER_KEY_FILE": "cluster_key_file",
     "OMX_SUSPICION_MULT": "suspicion_mult",
+    "OMX_JOIN_TIMEOUT": "join_timeout",
 }
 
 

@@ -74,7 +74,7 @@ def test_wrong_key_join_fails_with_one_clear_message(cluster: list[NodeProc], tm
     out = "".join(n.log)
     assert "cluster key" in out and "Traceback" not in out
     bad = spawn_node(tmp_path / "badaddr", "--no-demo", "--role", "worker", "--cluster-key-file", str(key),
-                     "--join", "127.0.0.1:1")
+                     "--join", "127.0.0.1:1", env={"OMX_JOIN_TIMEOUT": "1"})
     assert bad.proc.wait(60) != 0
     assert "could not join" in "".join(bad.log) and "Traceback" not in "".join(bad.log)
 
@@ -97,9 +97,6 @@ def test_killed_node_is_detected_by_all(cluster: list[NodeProc]) -> None:
     victim.proc.kill()
     victim.proc.wait(10)
     wait_until(lambda: everyone_sees(others, victim, {"dead"}), 60, what="every node to declare the killed node dead")
-    if victim in cluster[:3]:
-        kinds = [e["kind"] for e in httpx.get(others[0].url + "/api/v1/events/recent", timeout=5).json()["events"]]
-        assert "raft.voter_down" in kinds
     # the region leader records the verdict in the registry
     wait_until(lambda: httpx.get(cluster[0].url + "/api/v1/registry", timeout=5).json()["state"]["nodes"]
                .get(victim.id, {}).get("state") == "dead", 30, what="the registry to mark the node dead")
@@ -139,6 +136,12 @@ def test_leader_killed_writes_resume_quickly_then_full_restart_keeps_registry(cl
     resumed = time.monotonic() - t0
     print(f"\nwrites resumed {resumed:.2f}s after the Raft leader was killed")
     assert resumed < 3.0
+
+    def voter_down_reported() -> bool:
+        events = httpx.get(survivors[0].url + "/api/v1/events/recent", timeout=5).json()["events"]
+        return any(e["kind"] == "raft.voter_down" and e["data"]["id"] == leader.id for e in events)
+
+    wait_until(voter_down_reported, 60, what="the lost voter to be reported")
     # stop every voter, restart them all on the same data dirs and ports: nothing committed is lost
     before = httpx.get(survivors[0].url + "/api/v1/registry", timeout=5).json()["state"]
     for n in survivors:
