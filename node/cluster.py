@@ -125,6 +125,7 @@ class Cluster:
         seeds = list(dict.fromkeys([*cfg.join, *self._remembered_peers()]))
         if seeds:
             await self._join_with_retry(seeds, explicit=bool(cfg.join))
+            self._check_config_matches()
         self._tasks.append(asyncio.create_task(self._refresh_loop(), name="cluster-refresh"))
 
     async def _join_with_retry(self, seeds: list[str], explicit: bool) -> None:
@@ -148,6 +149,27 @@ class Cluster:
                 raise ClusterStartError(f"could not join {', '.join(seeds)}: {e}") from None
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
+
+    def _check_config_matches(self) -> None:
+        """Refuse to run with settings that contradict the cluster we joined (one clear line, not a split brain)."""
+        assert self.swim is not None
+        for m in self.swim.members():
+            if m.id == self.id and (m.host, m.port) != (self.swim.advertise_host, self.swim.port) \
+                    and m.state in ("alive", "suspect"):
+                raise ClusterStartError(f"config mismatch: node id {self.id} is already in use by {m.host}:{m.port} "
+                                        f"(was {self.cfg.data_dir} copied from another node?)")
+        if self.cfg.role != "control":
+            return
+        voters = {((m.meta or {}).get("raft") or {}).get("addr") for m in self.swim.members()
+                  if m.id != self.id and m.state == "alive" and (m.meta or {}).get("region") == self.cfg.region
+                  and (m.meta or {}).get("role") == "control"}
+        voters.discard(None)
+        unknown = sorted(v for v in voters if v not in self.cfg.raft_peers)
+        if unknown:
+            raise ClusterStartError(
+                f"config mismatch: region {self.cfg.region!r} already has Raft voters {', '.join(unknown)} that "
+                f"--raft-peers ({', '.join(self.cfg.raft_peers) or 'none'}) does not list; start this node with the "
+                "region's full voter list, or as --role worker")
 
     def _peers_file(self) -> Path:
         return self.cfg.data_dir / "peers.json"
@@ -342,9 +364,16 @@ class Cluster:
                 status = {"not_found": 404, "conflict": 409, "invalid": 400}.get(res.error or "", 500)
                 raise ApiError(status, res.message or str(res.error))
             return {"ok": True, "revision": res.revision, "version": res.version}
-        return await self._forward_write(op, list(args))
+        return await self._call_control("POST", "/api/v1/internal/registry", {"op": op, "args": list(args)})
 
-    async def _forward_write(self, op: str, args: list[Any]) -> dict[str, Any]:
+    async def registry_read(self) -> dict[str, Any]:
+        """The region's registry: this node's replica, or (on a worker) a control node's."""
+        if self.registry is not None:
+            return {"status": self.registry.status(), "state": self.registry.snapshot()}
+        return await self._call_control("GET", "/api/v1/registry", None)
+
+    async def _call_control(self, method: str, path: str, body: dict[str, Any] | None) -> dict[str, Any]:
+        """Workers hold no replica: ask the region's control nodes, the advertised leader first."""
         import aiohttp
 
         assert self.swim is not None
@@ -356,10 +385,10 @@ class Cluster:
         last = "no answer"
         async with aiohttp.ClientSession() as s:
             for m in targets[:3]:
-                url = (m.meta or {})["api"] + "/api/v1/internal/registry"
+                url = (m.meta or {})["api"] + path
                 try:
-                    async with s.post(url, json={"op": op, "args": args}, timeout=aiohttp.ClientTimeout(total=10),
-                                      headers={"Authorization": f"Bearer {self.http_token}"}) as r:
+                    async with s.request(method, url, json=body, timeout=aiohttp.ClientTimeout(total=10),
+                                         headers={"Authorization": f"Bearer {self.http_token}"}) as r:
                         body = await r.json(content_type=None)
                         if r.status == 200:
                             return body

@@ -132,10 +132,7 @@ async def events(request: web.Request) -> web.StreamResponse:
 
 
 async def registry_snapshot(request: web.Request) -> web.Response:
-    c = _cluster(request)
-    if c.registry is None:
-        raise ApiError(503, "this node is a worker and holds no registry replica; ask a control node of the region")
-    return json_response({"status": c.registry.status(), "state": c.registry.snapshot()})
+    return json_response(await _cluster(request).registry_read())
 
 
 async def recent_events(request: web.Request) -> web.Response:

@@ -53,6 +53,12 @@ def test_five_nodes_converge(cluster: list[NodeProc]) -> None:
     wait_until(lambda: all({m["id"] for m in view(n)["members"] if m["status"] == "alive"} == ids for n in cluster),
                60, what="all 5 nodes to see 5 alive members")
     v = view(cluster[3])  # a worker shows the whole cluster too
+
+    def worker_reads_registry() -> bool:  # a worker holds no replica: it reads through a control node
+        reg = httpx.get(cluster[3].url + "/api/v1/registry", timeout=10).json()
+        return reg["status"]["has_quorum"] and set(reg["state"]["nodes"]) == {n.id for n in cluster}
+
+    wait_until(worker_reads_registry, 30, what="the registry to list all 5 nodes, read from a worker")
     roles = sorted(m["role"] for m in v["members"])
     assert roles == ["control", "control", "control", "worker", "worker"]
     leader = httpx.get(cluster[4].url + "/api/v1/cluster/leader", timeout=5).json()
@@ -77,6 +83,13 @@ def test_wrong_key_join_fails_with_one_clear_message(cluster: list[NodeProc], tm
                      "--join", "127.0.0.1:1", env={"OMX_JOIN_TIMEOUT": "1"})
     assert bad.proc.wait(60) != 0
     assert "could not join" in "".join(bad.log) and "Traceback" not in "".join(bad.log)
+    # a second Raft group in the same region would split the registry: refused
+    good_key = cluster[0].argv[cluster[0].argv.index("--cluster-key-file") + 1]
+    rogue = spawn_node(tmp_path / "rogue", "--no-demo", "--role", "control", "--cluster-key-file", good_key,
+                       "--join", alive.gossip)
+    assert rogue.proc.wait(60) != 0
+    out = "".join(rogue.log)
+    assert "config mismatch" in out and "Traceback" not in out
 
 
 def test_paused_node_is_suspected_then_refutes(cluster: list[NodeProc]) -> None:
