@@ -69,6 +69,11 @@ def provision_demo(store: Store) -> bool:
 
 
 async def serve(cfg: NodeConfig) -> None:
+    # handlers first: a launcher may signal us the moment we print our address
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     try:
         app = build_app(cfg)
     except ClusterStartError as e:
@@ -95,11 +100,11 @@ async def serve(cfg: NodeConfig) -> None:
     # one parseable line so launchers and tests know where we listen (port 0 picks a free one)
     print(f"omx node listening on {api_url} gossip={cluster.swim.address} id={cluster.id} "
           f"region={cfg.region} role={cfg.role} data_dir={cfg.data_dir}", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        # a second signal must not kill us halfway through the drain (nor after the loop closes)
+        loop.remove_signal_handler(sig)
+        signal.signal(sig, signal.SIG_IGN)
     # leave first: peers see a graceful departure (never a failure) and stop sending us work
     await cluster.leave()
     log.info("shutting down: draining in-flight requests (grace %.0fs)", cfg.shutdown_grace)

@@ -51,7 +51,11 @@ def main(argv: list[str] | None = None) -> int:
     for n in nodes:
         if n.proc.poll() is None:
             n.proc.send_signal(signal.SIGTERM)
-    codes = [n.stop() for n in nodes]
+    codes = [n.wait_exit() for n in nodes]
+    for n, code in zip(nodes, codes, strict=True):
+        if code != 0:
+            tail = "".join(n.log[-15:])
+            print(f"node {n.id} exited with {code}; its last output:\n{tail}", file=sys.stderr)
     if tmp is not None:
         tmp.cleanup()
     print("stopped", flush=True)
