@@ -61,6 +61,14 @@ async def drain(request: web.Request) -> web.Response:
     return await _node_action(request, {"cordoned": True, "draining": True})
 
 
+async def set_labels(request: web.Request) -> web.Response:
+    body = load_json(await request.read())
+    labels = body.get("labels") if isinstance(body, dict) else None
+    if not isinstance(labels, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
+        raise ApiError(400, "expected {\"labels\": {\"key\": \"value\", ...}} with string keys and values")
+    return await _node_action(request, {"labels": labels})
+
+
 async def remove(request: web.Request) -> web.Response:
     c = _cluster(request)
     nid = request.match_info["id"]
@@ -151,6 +159,7 @@ def add_cluster_routes(app: web.Application) -> None:
     r.add_post("/api/v1/nodes/{id}/uncordon", uncordon)
     r.add_post("/api/v1/nodes/{id}/drain", drain)
     r.add_delete("/api/v1/nodes/{id}", remove)
+    r.add_put("/api/v1/nodes/{id}/labels", set_labels)
     r.add_get("/api/v1/events", events)
     r.add_get("/api/v1/events/recent", recent_events)
     r.add_get("/api/v1/registry", registry_snapshot)

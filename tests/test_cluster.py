@@ -113,6 +113,31 @@ def test_wrong_key_join_fails_with_one_clear_message(cluster: list[NodeProc], tm
     assert "config mismatch" in out and "Traceback" not in out
 
 
+def test_node_actions_through_any_node(cluster: list[NodeProc]) -> None:
+    worker, target = cluster[3], cluster[1]
+    with worker.client() as c:  # a worker forwards registry writes to the region's control nodes
+        assert c.post(f"/api/v1/nodes/{target.id}/drain").status_code == 200
+        assert c.put(f"/api/v1/nodes/{target.id}/labels", json={"labels": {"gpu": "h100"}}).status_code == 200
+        r = c.put(f"/api/v1/nodes/{target.id}/labels", json={"labels": {"gpu": 1}})
+        assert r.status_code == 400 and "labels" in r.json()["error"]
+        assert c.post("/api/v1/nodes/no-such-node/cordon").status_code == 404
+        assert c.delete(f"/api/v1/nodes/{target.id}").status_code == 409  # alive: leave first
+
+    def record(n: NodeProc) -> dict:  # a follower applies a committed write a moment after the leader
+        return httpx.get(n.url + "/api/v1/registry", timeout=5).json()["state"]["nodes"][target.id]
+
+    wait_until(lambda: all(record(n)["draining"] and record(n)["labels"] == {"gpu": "h100"} for n in cluster[:3]),
+               10, what="the drain and labels on every replica")
+    wait_until(lambda: next(m for m in view(cluster[2])["members"] if m["id"] == target.id)["draining"], 10,
+               what="the cluster view to show the drain")
+    assert httpx.post(f"{cluster[2].url}/api/v1/nodes/{target.id}/uncordon", timeout=10).status_code == 200
+    wait_until(lambda: not any(record(n)["cordoned"] or record(n)["draining"] for n in cluster[:3]), 10,
+               what="the uncordon on every replica")
+    with worker.client() as c:
+        r = c.post("/api/v1/internal/registry", json={"op": "remove_node", "args": [target.id]})
+        assert r.status_code == 403  # internal route needs the cluster credentials
+
+
 def test_paused_node_is_suspected_then_refutes(cluster: list[NodeProc]) -> None:
     target, others = cluster[3], [n for n in cluster if n is not cluster[3]]
     os.kill(target.proc.pid, signal.SIGSTOP)
