@@ -17,6 +17,7 @@ JSON_ROUTES = [
     ("POST", "/api/generate"), ("POST", "/api/chat"), ("POST", "/api/embed"), ("POST", "/api/embeddings"),
     ("POST", "/api/show"), ("POST", "/api/copy"), ("DELETE", "/api/delete"), ("POST", "/api/create"),
     ("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("POST", "/v1/embeddings"),
+    ("PUT", "/api/v1/nodes/no-such-node/labels"),
 ]
 
 
@@ -162,9 +163,9 @@ json_values = st.recursive(
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
     max_leaves=12,
 )
-field_names = st.sampled_from(["model", "prompt", "messages", "stream", "options", "format", "keep_alive",
-                               "input", "source", "destination", "files", "from", "raw", "context", "think",
-                               "template", "system", "name", "suffix", "images", "tools", "max_tokens"])
+field_names = st.sampled_from(["labels", "peers", "model", "prompt", "messages", "stream", "options", "format",
+                               "keep_alive", "input", "source", "destination", "files", "from", "raw", "context",
+                               "think", "template", "system", "name", "suffix", "images", "tools", "max_tokens"])
 bodies = st.dictionaries(field_names, json_values, max_size=6)
 
 
