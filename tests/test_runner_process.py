@@ -7,13 +7,12 @@ import json
 import os
 import signal
 import threading
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from omx.node.launch import start_node
+from omx.node.launch import start_node, wait_until
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -40,18 +39,10 @@ def runner_pids(node_pid: int) -> list[int]:
     return pids
 
 
-def wait_for(cond, timeout: float = 60.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
 def test_killed_runner_ends_request_and_next_request_reloads(node) -> None:
     with node.client(timeout=120) as c:
         assert c.post("/api/generate", json={"model": "omx-tiny", "prompt": "", "keep_alive": -1}).status_code == 200
-        wait_for(lambda: runner_pids(node.proc.pid), what="a runner process")
+        wait_until(lambda: runner_pids(node.proc.pid), 60, what="a runner process")
         (pid,) = runner_pids(node.proc.pid)
         lines: list[dict] = []
         with c.stream("POST", "/api/generate", json={
@@ -149,8 +140,8 @@ def test_lru_unload_and_keep_alive_zero(tmp_path: Path) -> None:
             # keep_alive 0 with a prompt: answer, then unload
             r = c.post("/api/generate", json={"model": "other", "keep_alive": 0, **gen})
             assert r.status_code == 200 and r.json()["done"]
-            wait_for(lambda: loaded() == [], what="the model to unload")
-            wait_for(lambda: not runner_pids(n.proc.pid), what="the runner to exit")
+            wait_until(lambda: loaded() == [], 60, what="the model to unload")
+            wait_until(lambda: not runner_pids(n.proc.pid), 60, what="the runner to exit")
             # negative keep_alive keeps it loaded with an expiry far away
             c.post("/api/generate", json={"model": "other", "keep_alive": -1, **gen})
             (entry,) = c.get("/api/ps").json()["models"]

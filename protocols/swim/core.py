@@ -43,7 +43,7 @@ from .codec import (
 JOINED, EV_SUSPECT, EV_ALIVE, EV_DEAD, EV_LEFT, META_UPDATED, REAPED = (
     "joined", "suspect", "alive", "dead", "left", "meta_updated", "reaped")
 
-_T_PROBE, _T_PROBE_TIMEOUT, _T_RELAY_TIMEOUT, _T_SUSPECT, _T_GOSSIP, _T_PUSH_PULL, _T_REAP = range(7)
+_T_PROBE, _T_PROBE_TIMEOUT, _T_RELAY_TIMEOUT, _T_SUSPECT, _T_GOSSIP, _T_PUSH_PULL, _T_REAP, _T_SYNC = range(8)
 _MISS = object()
 _MIN_UPDATE = 24  # smaller than any encoded update: stop filling a packet below this
 
@@ -357,6 +357,8 @@ class SwimCore:
                 self._push_pull_tick()
             elif kind == _T_REAP:
                 self._reap(arg)
+            elif kind == _T_SYNC:
+                self._sync_once()
 
     def on_message(self, now: float, src: tuple[str, int], msg: tuple) -> None:
         """Handle one datagram message from ``src`` (already decoded and validated)."""
@@ -401,7 +403,14 @@ class SwimCore:
 
     def on_push_pull_reply(self, now: float, msg: tuple) -> None:
         self.now = now
+        fresh = self.table.live == 1
         self._merge(msg[1], msg[2])
+        if fresh and self.started and self.table.live > 1:
+            # We just joined, with the seed's view as of this moment. Members that join alongside us
+            # are gossiped while few know us, so a rumour can run out of retransmissions before it
+            # reaches us and we would wait for periodic anti-entropy (30 s+). One early push-pull
+            # with a random member, once the burst has spread, closes that gap.
+            self._at(now + (1.0 + 2.0 * self.rng.random()) * self.cfg.probe_interval, _T_SYNC, None)
 
     def set_meta(self, now: float, meta: Mapping[str, Any]) -> None:
         """Replace our metadata; bumps its version and gossips it. Raises ValueError if too large."""
@@ -496,7 +505,11 @@ class SwimCore:
         table = self.table
         for _ in range(table.size() + 1):
             a, b, m, i = perm
-            if i >= m:
+            # A new round also when the table grew: a round is a permutation of the indices that
+            # existed when it began, so members that joined since (a whole join burst) would not be
+            # probed until it ends — up to N probe intervals. memberlist inserts newcomers at a
+            # random position in its probe list for the same reason.
+            if i >= m or table.size() > m:
                 m = table.size()
                 if m == 0:
                     return None
@@ -604,6 +617,12 @@ class SwimCore:
             self.io.send(peer.addr, (GOSSIP, ups))
         self._ensure_gossip()
 
+    def _sync_once(self) -> None:
+        peers = [] if self.leaving else self._random_peers(1, exclude=self.id, alive_only=True)
+        if peers:
+            self.stats["push_pull"] += 1
+            self.io.stream(peers[0].addr, self.make_push_pull())
+
     def _push_pull_tick(self) -> None:
         self._at(self.now + self._push_pull_interval(), _T_PUSH_PULL, None)
         if self.leaving:
@@ -662,7 +681,9 @@ class SwimCore:
             rec = r if r.meta is not None else r._replace(meta={})
             self.table.put(rec)
             self._emit(JOINED, rec)
-            self._broadcast(rec, self.id)
+            # An alive update is vouched for by the member itself (its incarnation), never by the relay:
+            # so every relay sends the same bytes, which receivers' codecs then decode only once.
+            self._broadcast(rec, rec.id)
             return
         if r.incarnation > cur.incarnation:
             rec = r if r.meta_version >= cur.meta_version else r._replace(meta=cur.meta,
@@ -676,14 +697,14 @@ class SwimCore:
                 self._emit(JOINED, rec)
             if rec.meta_version > cur.meta_version:
                 self._emit(META_UPDATED, rec)
-            self._broadcast(rec, self.id)
+            self._broadcast(rec, rec.id)
         elif r.meta_version > cur.meta_version and r.meta is not None:
             rec = cur._replace(meta=r.meta, meta_version=r.meta_version)
             self.table.put(rec)
             self._emit(META_UPDATED, rec)
             if cur.state in (ALIVE, SUSPECT):
                 # Own queue key, so a meta-only update never displaces a queued suspicion.
-                self._broadcast(rec._replace(state=ALIVE), self.id, key=r.id + "\0meta")
+                self._broadcast(rec._replace(state=ALIVE), rec.id, key=r.id + "\0meta")
         else:
             self.stats["stale_updates"] += 1
 

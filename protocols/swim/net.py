@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -63,15 +64,7 @@ def parse_addr(s: str) -> tuple[str, int]:
     return host, int(port)
 
 
-class _Udp(asyncio.DatagramProtocol):
-    def __init__(self, node: SwimNode) -> None:
-        self.node = node
-
-    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        self.node._on_datagram(data, addr)
-
-    def error_received(self, exc: Exception) -> None:
-        self.node._net["udp_errors"] += 1
+_READ_BATCH = 256  # datagrams drained per wake-up
 
 
 class SwimNode:
@@ -102,7 +95,7 @@ class SwimNode:
         SwimCore(node_id, "x", 0, io=self, config=self.config, meta=self._meta)  # validates meta early
         self.core: SwimCore | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._udp: asyncio.DatagramTransport | None = None
+        self._udp: socket.socket | None = None
         self._server: asyncio.Server | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
@@ -118,10 +111,13 @@ class SwimNode:
     async def start(self) -> None:
         loop = self._loop = asyncio.get_running_loop()
         for _ in range(20):
-            server = await asyncio.start_server(self._serve_stream, self.bind_host, self.bind_port)
+            # A deep accept backlog: with asyncio's default (100) a mass join overflows it and the
+            # kernel drops SYNs, which clients only retry after a whole second.
+            server = await asyncio.start_server(self._serve_stream, self.bind_host, self.bind_port,
+                                                backlog=_MAX_STREAM_CONNS)
             port = server.sockets[0].getsockname()[1]
             try:
-                udp, _ = await loop.create_datagram_endpoint(lambda: _Udp(self), local_addr=(self.bind_host, port))
+                udp = self._bind_udp(port)
             except OSError:
                 server.close()
                 await server.wait_closed()
@@ -132,6 +128,7 @@ class SwimNode:
         else:
             raise OSError("could not bind one port for both TCP and UDP")
         self._server, self._udp, self.port = server, udp, port  # type: ignore[assignment]
+        loop.add_reader(udp.fileno(), self._read_ready)
         # Incarnations start at boot time, so a restarted node outranks gossip about its previous life.
         self.core = SwimCore(self.id, self.advertise_host, port, io=self, config=self.config, rng=Random(),
                              meta=self._meta, incarnation=int(time.time()), on_event=self._core_event)
@@ -192,8 +189,11 @@ class SwimNode:
             t.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._udp is not None:
-            self._udp.close()
+        udp, self._udp = self._udp, None
+        if udp is not None:
+            if self._loop is not None and not self._loop.is_closed():
+                self._loop.remove_reader(udp.fileno())
+            udp.close()
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
@@ -250,7 +250,12 @@ class SwimNode:
             self._net["udp_too_big"] += 1
             return
         self._net["udp_sent"] += 1
-        self._udp.sendto(data, addr)
+        try:
+            self._udp.sendto(data, addr)
+        except (BlockingIOError, InterruptedError):
+            self._net["udp_send_full"] += 1  # a full socket buffer loses the datagram, as the network could
+        except OSError:
+            self._net["udp_errors"] += 1
 
     def stream(self, addr: tuple[str, int], msg: tuple) -> None:
         if self._closing or len(self._tasks) >= _MAX_PENDING_STREAMS:
@@ -300,6 +305,38 @@ class SwimNode:
                 q.put_nowait(ev)
             except asyncio.QueueFull:
                 self._net["events_overflow"] += 1
+
+    def _bind_udp(self, port: int) -> socket.socket:
+        """A plain non-blocking UDP socket; we read it ourselves (see :meth:`_read_ready`)."""
+        family, _, _, _, sockaddr = socket.getaddrinfo(self.bind_host, port, type=socket.SOCK_DGRAM)[0]
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            sock.setblocking(False)
+            sock.bind(sockaddr)
+        except OSError:
+            sock.close()
+            raise
+        return sock
+
+    def _read_ready(self) -> None:
+        """Drain the socket, not one datagram per wake-up as asyncio's datagram transport does.
+
+        With many members on one loop (or any busy loop) a one-per-wake-up reader leaves acks queued
+        behind other datagrams while the probe-timeout timer runs first: a slow loop then looks like
+        dead peers. Draining handles everything that arrived before the timers of the same round.
+        """
+        sock = self._udp
+        for _ in range(_READ_BATCH):
+            if sock is None or self._closing:
+                return
+            try:
+                data, addr = sock.recvfrom(_MAX_UDP + 1)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                self._net["udp_errors"] += 1
+                return
+            self._on_datagram(data, addr)
 
     def _on_datagram(self, data: bytes, addr: tuple[str, int]) -> None:
         self._net["udp_recv"] += 1
