@@ -18,6 +18,7 @@ from omx.models.store import DigestMismatch, ModelNotFound, Store
 from omx.node import inference
 from omx.node.config import NodeConfig
 from omx.node.inference import Inference
+from omx.node.metrics import MODEL_KEY, TOKENS_KEY, TTFT_KEY
 from omx.node.runners import RunnerManager
 from omx.protocols.api import (
     ApiError,
@@ -117,9 +118,11 @@ async def respond_stream(
     request: web.Request, gen: AsyncIterator[dict[str, Any]], stream: bool, merge: Callable[..., dict[str, Any]]
 ) -> web.StreamResponse:
     """NDJSON when streaming, one merged object otherwise; errors before output keep their status."""
+    t0 = time.perf_counter()
     first, rest = await inference.first_and_rest(gen)
     if first is None:
         raise ApiError(500, "no response from model")
+    request[TTFT_KEY] = time.perf_counter() - t0
     if first.get("done") and first.get("done_reason") in ("load", "unload"):
         return json_response(first)  # Ollama answers load/unload with one object even when streaming
     if not stream:
@@ -130,17 +133,26 @@ async def respond_stream(
                 return error_response(500, c["error"])
         if "error" in first:
             return error_response(500, first["error"])
+        _count_tokens(request, chunks[-1])
         return json_response(merge(chunks))
     resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
     await resp.prepare(request)
     try:
         await resp.write(_line(first))
+        last = first
         async for c in rest:
             await resp.write(_line(c))
+            last = c
+        _count_tokens(request, last)
     finally:
         await rest.aclose()  # type: ignore[attr-defined]
     await resp.write_eof()
     return resp
+
+
+def _count_tokens(request: web.Request, final: dict[str, Any]) -> None:
+    if final.get("done"):
+        request[TOKENS_KEY] = (int(final.get("prompt_eval_count", 0)), int(final.get("eval_count", 0)))
 
 
 def _line(obj: dict[str, Any]) -> bytes:
@@ -172,18 +184,21 @@ async def version(request: web.Request) -> web.Response:
 
 async def api_generate(request: web.Request) -> web.StreamResponse:
     req = GenerateRequest.parse(await request.read())
+    request[MODEL_KEY] = req.model
     gen = inference.generate(request.app[INFER], req)
     return await respond_stream(request, gen, req.stream is not False, merge_generate)
 
 
 async def api_chat(request: web.Request) -> web.StreamResponse:
     req = ChatRequest.parse(await request.read())
+    request[MODEL_KEY] = req.model
     gen = inference.chat(request.app[INFER], req)
     return await respond_stream(request, gen, req.stream is not False, merge_chat)
 
 
 async def api_embed(request: web.Request) -> web.Response:
     req = EmbedRequest.parse(await request.read())
+    request[MODEL_KEY] = req.model
     return json_response(await inference.embed(request.app[INFER], req))
 
 

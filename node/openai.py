@@ -16,6 +16,7 @@ from aiohttp import web
 from omx.models.names import InvalidModelName, ModelName
 from omx.node import inference
 from omx.node.app import INFER, STORE, json_response
+from omx.node.metrics import MODEL_KEY
 from omx.protocols.api import ApiError, ChatRequest, GenerateRequest, load_json
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -180,6 +181,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     messages = _messages(data.get("messages"))
     stream = bool(_typed(data, "stream", bool, "a boolean"))
     include_usage = bool(isinstance(data.get("stream_options"), dict) and data["stream_options"].get("include_usage"))
+    request[MODEL_KEY] = model
     native = ChatRequest.model_validate(
         {"model": model, "messages": messages, "stream": stream, "options": _options(data),
          "format": _format(data)}
@@ -224,6 +226,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     stream = bool(_typed(data, "stream", bool, "a boolean"))
     opts = data.get("stream_options")
     include_usage = bool(isinstance(opts, dict) and opts.get("include_usage"))
+    request[MODEL_KEY] = model
     native = GenerateRequest.model_validate(
         {"model": model, "prompt": prompt, "stream": stream, "options": _options(data, top_p_zero_is_one=True),
          "suffix": _typed(data, "suffix", str, "a string") or ""}
@@ -279,6 +282,7 @@ async def embeddings(request: web.Request) -> web.Response:
         raise ApiError(400, "dimensions must be a positive integer")
     eng = request.app[INFER]
     m = eng.resolve(model)
+    request[MODEL_KEY] = model
     res = await inference.embed_vectors(eng, m, inputs, eng.options_for(m, None), True, None)
     out = []
     for i, v in enumerate(res["embeddings"]):

@@ -21,6 +21,7 @@ from omx.node.cluster_routes import CLUSTER, EVENTS, add_cluster_routes
 from omx.node.config import ConfigError, NodeConfig, load_config
 from omx.node.events import EventBus
 from omx.node.inference import Inference
+from omx.node.metrics import Metrics, StateCollector
 from omx.node.openai import add_openai_routes
 from omx.node.runners import RunnerManager
 
@@ -28,7 +29,9 @@ log = logging.getLogger("omx.node")
 
 
 def build_app(cfg: NodeConfig) -> web.Application:
-    app = web.Application(middlewares=[errors_mw, make_host_check(cfg)], client_max_size=cfg.max_body_bytes)
+    metrics = Metrics()
+    app = web.Application(middlewares=[metrics.middleware(), errors_mw, make_host_check(cfg)],
+                          client_max_size=cfg.max_body_bytes)
     store = Store(cfg.data_dir)
     runners = RunnerManager(
         max_loaded=cfg.max_loaded_models,
@@ -49,8 +52,29 @@ def build_app(cfg: NodeConfig) -> web.Application:
     app[EVENTS] = EventBus()
     app[CLUSTER] = Cluster(cfg, app[EVENTS], runners)
     add_cluster_routes(app)
+    metrics.add_collector(StateCollector(lambda: _live_state(app)))
+    app.router.add_get("/metrics", metrics.handler)
     app.cleanup_ctx.append(_runners_ctx)
     return app
+
+
+def _live_state(app: web.Application) -> dict[str, object]:
+    runners = app[RUNNERS]
+    state: dict[str, object] = {
+        "inflight": {r.spec.name: r.inflight for r in runners.runners.values()},
+        "loaded": sum(1 for r in runners.runners.values() if not r.dead),
+    }
+    cluster = app[CLUSTER]
+    if cluster.swim is not None:
+        members: dict[str, int] = {}
+        for m in cluster.swim.members():
+            members[m.state] = members.get(m.state, 0) + 1
+        state["members"] = members
+        state["local_health"] = cluster.swim.local_health
+        state["dropped"] = cluster.swim.stats().get("dropped_total", 0)
+    if cluster.registry is not None:
+        state["raft"] = cluster.registry.status()
+    return state
 
 
 async def _runners_ctx(app: web.Application) -> AsyncIterator[None]:

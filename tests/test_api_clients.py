@@ -261,3 +261,29 @@ def test_openai_models(ai: openai.OpenAI) -> None:
         ai.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
     with pytest.raises(openai.BadRequestError):
         ai.chat.completions.create(model="omx-tiny", messages=[])
+
+
+def test_prometheus_metrics(oc: ollama.Client, node) -> None:
+    oc.generate(model="omx-tiny", prompt="count me", options={"num_predict": 3, "seed": 1, "temperature": 0})
+    list(oc.generate(model="omx-tiny", prompt="count me", options={"num_predict": 3, "seed": 1}, stream=True))
+    with pytest.raises(ollama.ResponseError):
+        oc.generate(model="made-up-name-123", prompt="x")
+    with node.client() as c:
+        r = c.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    from prometheus_client.parser import text_string_to_metric_families
+
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for fam in text_string_to_metric_families(r.text) for s in fam.samples}
+
+    def value(name: str, **labels: str) -> float | None:
+        return samples.get((name, tuple(sorted(labels.items()))))
+
+    assert (value("omx_requests_total", route="/api/generate", model="omx-tiny", status="200") or 0) >= 2
+    assert (value("omx_requests_total", route="/api/generate", model="", status="404") or 0) >= 1
+    assert "made-up-name-123" not in r.text  # failed requests never create model series
+    assert (value("omx_generated_tokens_total", model="omx-tiny") or 0) >= 1
+    assert (value("omx_time_to_first_token_seconds_count", route="/api/generate") or 0) >= 2
+    assert value("omx_cluster_members", state="alive") == 1
+    assert value("omx_raft_is_leader") == 1
+    assert value("omx_runner_inflight", model="omx-tiny:latest") is not None
