@@ -15,9 +15,11 @@ affine permutation of table indices rather than a per-node shuffled list.
 from __future__ import annotations
 
 import math
+from bisect import bisect_left, insort
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from heapq import heappop, heappush
+from operator import itemgetter
 from random import Random
 from typing import Any, Protocol
 
@@ -45,6 +47,7 @@ JOINED, EV_SUSPECT, EV_ALIVE, EV_DEAD, EV_LEFT, META_UPDATED, REAPED = (
 
 _T_PROBE, _T_PROBE_TIMEOUT, _T_RELAY_TIMEOUT, _T_SUSPECT, _T_GOSSIP, _T_PUSH_PULL, _T_REAP, _T_SYNC = range(8)
 _MISS = object()
+_UPDATE_OF = itemgetter(2)  # a BroadcastQueue item's update
 _MIN_UPDATE = 24  # smaller than any encoded update: stop filling a packet below this
 
 
@@ -174,10 +177,18 @@ class MemberTable:
         return self.get(self._bids[i] if i < nb else self._extra[i - nb])
 
     def __iter__(self) -> Iterator[Member]:
-        for i in range(self.size()):
-            r = self.at(i)
-            if r is not None:
-                yield r
+        return iter(self.records())
+
+    def records(self) -> list[Member]:
+        """Every present record, in index order (a snapshot list)."""
+        over = self._over
+        extra = list(map(over.__getitem__, self._extra))  # extras are always present in the overlay
+        if not self._bids:
+            return extra
+        brecs = self._brecs
+        out = [r for r in map(over.get, self._bids, map(brecs.get, self._bids)) if r is not None]
+        out.extend(extra)
+        return out
 
 
 # --------------------------------------------------------------------------- broadcast queue
@@ -186,14 +197,17 @@ class MemberTable:
 class BroadcastQueue:
     """memberlist's TransmitLimitedQueue: least-transmitted, then newest, first; one item per member.
 
-    A newer update for a member invalidates the queued one (lazy deletion in the heap).
+    Items sit in one bucket per transmit count, each bucket sorted by age (newest last), so a
+    take walks buckets upward and each bucket from its end. A newer update for a member
+    replaces the queued one at once. Item: ``[seq, key, update, size, transmits]``.
     """
 
-    __slots__ = ("_heap", "_live", "_seq")
+    __slots__ = ("_buckets", "_live", "_seq", "_sizes")
 
     def __init__(self) -> None:
-        self._heap: list[list[Any]] = []
+        self._buckets: list[list[list[Any]]] = [[]]
         self._live: dict[str, list[Any]] = {}
+        self._sizes: dict[int, int] = {}  # encoded size -> live items of that size
         self._seq = 0
 
     def __len__(self) -> int:
@@ -204,42 +218,95 @@ class BroadcastQueue:
 
     def push(self, key: str, update: tuple[Member, str], size: int) -> None:
         self._seq += 1
-        item = [0, -self._seq, key, update, size]
+        item = [self._seq, key, update, size, 0]
+        sizes = self._sizes
+        old = self._live.get(key)
+        if old is not None:
+            b = self._buckets[old[4]]
+            del b[bisect_left(b, old)]  # seq numbers are unique, so this finds exactly ``old``
+            _uncount(sizes, old[3])
+        sizes[size] = sizes.get(size, 0) + 1
         self._live[key] = item
-        heappush(self._heap, item)
+        self._buckets[0].append(item)  # the newest of all: bucket 0 stays sorted
 
     def take(self, budget: int, limit: int, *, allow_oversize: bool = False) -> list[tuple[Member, str]]:
-        heap, live = self._heap, self._live
+        buckets, live, sizes = self._buckets, self._live, self._sizes
         out: list[tuple[Member, str]] = []
-        keep: list[list[Any]] = []
-        scanned = 0
-        while heap and budget >= _MIN_UPDATE and scanned < 64:
-            item = heappop(heap)
-            if live.get(item[2]) is not item:
+        if not sizes:
+            return out
+        # Nothing smaller than ``lim`` is queued, so a walk stops once the budget is below it: the
+        # items it would still look at could not fit. (An oversize item first needs the plain walk.)
+        lim = max(_MIN_UPDATE, min(sizes))
+        if budget < lim:
+            if not allow_oversize:
+                return out
+            lim = _MIN_UPDATE
+        moved: list[tuple[int, list[list[Any]]]] = []  # still live: one bucket up, after the walk
+        room = 64  # items looked at, at most
+        for t, b in enumerate(buckets):
+            if budget < lim or room <= 0:
+                break
+            if not b:
                 continue
-            scanned += 1
-            if item[4] > budget:
-                if allow_oversize and not out:
+            i = n = len(b)
+            stop = n - room if n > room else 0
+            took: list[list[Any]] = []
+            kept: list[list[Any]] | None = None  # looked at but too big for what is left
+            while i > stop and budget >= lim:
+                i -= 1
+                item = b[i]
+                size = item[3]
+                if size <= budget:
+                    budget -= size
+                    took.append(item)
+                elif allow_oversize and not out and not took:
                     # Larger than one packet budget (big metadata): it travels alone in a gossip packet.
-                    out.append(item[3])
                     budget = 0
+                    took.append(item)
                 else:
-                    keep.append(item)
-                    continue
+                    if kept is None:
+                        kept = []
+                    kept.append(item)
+            room -= n - i
+            if kept is None:
+                del b[i:]
             else:
-                out.append(item[3])
-                budget -= item[4]
-            item[0] += 1
-            if item[0] >= limit:
-                del live[item[2]]
+                kept.reverse()
+                b[i:] = kept
+            if not took:
+                continue
+            out += map(_UPDATE_OF, took)
+            if t + 1 >= limit:
+                for item in took:
+                    del live[item[1]]
+                    _uncount(sizes, item[3])
             else:
-                keep.append(item)
-        for item in keep:
-            heappush(heap, item)
-        if len(heap) > 4 * len(live) + 64:  # drop dead entries left by superseded updates
-            self._heap = [it for it in heap if live.get(it[2]) is it]
-            self._heap.sort()
+                moved.append((t + 1, took))
+        for t, took in moved:
+            if len(buckets) <= t:
+                buckets.append([])
+            for item in took:
+                item[4] = t
+            took.reverse()  # oldest first, like the bucket
+            b = buckets[t]
+            if not b or b[-1][0] < took[0][0]:
+                b += took
+                continue
+            pos = bisect_left(b, took[0])
+            if b[pos][0] > took[-1][0]:  # no bucket item falls between them: one splice
+                b[pos:pos] = took
+            else:
+                for item in took:
+                    insort(b, item)
         return out
+
+
+def _uncount(sizes: dict[int, int], size: int) -> None:
+    n = sizes[size] - 1
+    if n:
+        sizes[size] = n
+    else:
+        del sizes[size]
 
 
 # --------------------------------------------------------------------------- pending state
@@ -392,12 +459,12 @@ class SwimCore:
             self._apply_updates(msg[1])
 
     def make_push_pull(self, join: bool = False) -> tuple:
-        return (PUSH_PULL, self.id, join, list(self.table))
+        return (PUSH_PULL, self.id, join, self.table.records())
 
     def on_push_pull(self, now: float, msg: tuple) -> tuple:
         """Serve a push-pull: merge the remote state and return ours."""
         self.now = now
-        reply = (PUSH_PULL_REPLY, self.id, list(self.table))
+        reply = (PUSH_PULL_REPLY, self.id, self.table.records())
         self._merge(msg[1], msg[3])
         return reply
 
@@ -440,7 +507,7 @@ class SwimCore:
         return self.leaving and self.id not in self._bq
 
     def members(self) -> list[Member]:
-        return list(self.table)
+        return self.table.records()
 
     def get(self, member_id: str) -> Member | None:
         return self.table.get(member_id)
