@@ -103,9 +103,10 @@ class Runner:
             apply_masks=apply_masks,
         )
         # control tokens by text, so a stop string naming one (e.g. "<|im_end|>") stops on the token itself
+        specials = set(self.tok.all_special_tokens)
         self.special_ids: dict[str, int] = {
-            t: i for t, i in self.tok.get_added_vocab().items() if t in set(self.tok.all_special_tokens) or
-            (t.startswith("<") and t.endswith(">"))
+            t: i for t, i in self.tok.get_added_vocab().items()
+            if t in specials or (t.startswith("<") and t.endswith(">"))
         }
         self.thread = threading.Thread(target=self.engine.run, name="decode", daemon=True)
         self.thread.start()

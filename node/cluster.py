@@ -17,6 +17,7 @@ import logging
 import os
 import socket
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -95,7 +96,7 @@ class Cluster:
     async def start(self, api_url: str) -> None:
         cfg = self.cfg
         self.api_url = api_url
-        host = cfg.host if cfg.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
+        host = cfg.advertise_host
         if cfg.role == "control":
             raft_port = cfg.raft_port
             if raft_port == 0:
@@ -313,11 +314,13 @@ class Cluster:
         assert self.swim is not None
         nodes = self.registry_nodes()
         members = [self.member_view(m, nodes) for m in sorted(self.swim.members(), key=lambda m: m.id)]
-        counts: dict[str, int] = {}
-        for m in members:
-            counts[m["status"]] = counts.get(m["status"], 0) + 1
-        return {"self": self.id, "region": self.cfg.region, "members": members, "counts": counts,
+        return {"self": self.id, "region": self.cfg.region, "members": members, "counts": self.member_counts(),
                 "leaders": self.leaders()}
+
+    def member_counts(self) -> dict[str, int]:
+        """Members by SWIM state, as this node sees them."""
+        assert self.swim is not None
+        return dict(Counter(m.state for m in self.swim.members()))
 
     def leaders(self) -> dict[str, Any]:
         """Per region: the Raft leader as its voters advertise it in gossip."""
@@ -341,13 +344,10 @@ class Cluster:
     def status(self) -> dict[str, Any]:
         assert self.swim is not None
         me = self.swim.get(self.id)
-        counts: dict[str, int] = {}
-        for m in self.swim.members():
-            counts[m.state] = counts.get(m.state, 0) + 1
         return {"id": self.id, "region": self.cfg.region, "role": self.cfg.role, "api_addr": self.api_url,
                 "gossip_addr": self.swim.address, "membership": me.state if me else "unknown",
                 "incarnation": me.incarnation if me else None, "local_health": self.swim.local_health,
-                "members": counts, "raft": self.registry.status() if self.registry else None,
+                "members": self.member_counts(), "raft": self.registry.status() if self.registry else None,
                 "gossip_stats": self.swim.stats(), "time": time.time()}
 
     # ---- registry writes from any node --------------------------------------------------------------

@@ -95,6 +95,11 @@ class NodeConfig(BaseModel):
         return v
 
     @property
+    def advertise_host(self) -> str:
+        """The address peers and clients reach us at: a wildcard bind is advertised as loopback."""
+        return "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+
+    @property
     def keep_alive_effective(self) -> float:
         return math.inf if self.keep_alive < 0 else self.keep_alive
 

@@ -66,10 +66,7 @@ def _live_state(app: web.Application) -> dict[str, object]:
     }
     cluster = app[CLUSTER]
     if cluster.swim is not None:
-        members: dict[str, int] = {}
-        for m in cluster.swim.members():
-            members[m.state] = members.get(m.state, 0) + 1
-        state["members"] = members
+        state["members"] = cluster.member_counts()
         state["local_health"] = cluster.swim.local_health
         state["dropped"] = cluster.swim.stats().get("dropped_total", 0)
     if cluster.registry is not None:
@@ -111,8 +108,7 @@ async def serve(cfg: NodeConfig) -> None:
     site = web.TCPSite(runner, cfg.host, cfg.port, reuse_address=True)
     await site.start()
     port = runner.addresses[0][1] if runner.addresses else cfg.port
-    host = cfg.host if cfg.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
-    api_url = f"http://{host}:{port}"
+    api_url = f"http://{cfg.advertise_host}:{port}"
     cluster = app[CLUSTER]
     try:
         await cluster.start(api_url)
