@@ -27,6 +27,8 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TaskID, TaskProgressColumn, TextColumn
 from rich.table import Table
 
+from omx.console import cli_proxy as _cli_proxy
+from omx.console import cli_transfer as _cli_transfer
 from omx.protocols.hosts import parse_host
 from omx.protocols.modelfile import Modelfile, ModelfileError, parse_modelfile
 
@@ -1081,6 +1083,11 @@ def main(argv: list[str] | None = None) -> None:
             os.dup2(devnull, sys.stdout.fileno())
         sys.exit(1)
 
+
+model_app = typer.Typer(help="Models across the cluster: replicas, import, distribution.", no_args_is_help=True)
+app.add_typer(model_app, name="model")
+_cli_proxy.register(sys.modules[__name__], app, model_app)
+_cli_transfer.register(sys.modules[__name__], app, model_app)
 
 if __name__ == "__main__":
     main()

@@ -45,6 +45,10 @@ class GenerateJob:
     num_keep: int = 4
     constraint: GrammarConstraint | None = None
     stop_ids: frozenset[int] = frozenset()  # control tokens named by a stop string (they decode to no text)
+    # Resuming a generation another runner started: its tokens end `prompt_ids`, and the first `skip_chars`
+    # characters they decode to were delivered already (what is left is text that runner held back).
+    resume_ids: list[int] = field(default_factory=list)
+    skip_chars: int = 0
 
 
 @dataclass
@@ -69,6 +73,8 @@ class _Seq:
     prompt_ns: int = 0
     decode_start: float = 0.0
     cancelled: bool = False
+    reported: int = 0  # history[:reported] went out in token frames (the ids let another runner resume)
+    skip: int = 0
 
 
 class Engine:
@@ -180,7 +186,9 @@ class Engine:
         out = self.model(input_ids=inp, cache=cache, use_cache=True, logits_to_keep=1)
         logits = out.logits[:, -1, :].float()
         seq = _Seq(job=job, sampler=Sampler(job.params, self.device), history=list(ids), prompt_len=len(ids))
-        seq.prefix_offset = seq.read_offset = len(ids)
+        seq.prefix_offset = seq.read_offset = len(ids) - min(len(job.resume_ids), len(ids))
+        seq.reported = len(ids)
+        seq.skip = job.skip_chars
         seq.prompt_ns = int((time.perf_counter() - t0) * 1e9)
         seq.decode_start = time.perf_counter()
         self._merge(out.cache, len(ids))
@@ -282,6 +290,9 @@ class Engine:
         s.history.append(tok)
         s.generated.append(tok)
         text = self._detok(s)
+        if text and s.skip:
+            cut = min(s.skip, len(text))
+            text, s.skip = text[cut:], s.skip - cut
         if text:
             s.pending += text
             if self._flush_text(s):
@@ -318,8 +329,14 @@ class Engine:
         out = s.pending[: len(s.pending) - hold]
         s.pending = s.pending[len(out) :]
         if out:
-            s.job.emit({"id": s.job.id, "t": "token", "text": out})
+            s.job.emit({"id": s.job.id, "t": "token", "text": out, "ids": self._unreported(s)})
         return False
+
+    @staticmethod
+    def _unreported(s: _Seq) -> list[int]:
+        ids = s.history[s.reported:]
+        s.reported = len(s.history)
+        return ids
 
     def _finish(self, s: _Seq, reason: str, flush_tail: bool = True) -> None:
         job = s.job
@@ -327,9 +344,9 @@ class Engine:
         tail = self.tok.decode(s.history[s.prefix_offset :], skip_special_tokens=True)
         head = self.tok.decode(s.history[s.prefix_offset : s.read_offset], skip_special_tokens=True)
         if flush_tail and len(tail) > len(head):
-            s.pending += tail[len(head) :]
+            s.pending += tail[len(head) :][s.skip:]
         if s.pending:
-            job.emit({"id": job.id, "t": "token", "text": s.pending})
+            job.emit({"id": job.id, "t": "token", "text": s.pending, "ids": self._unreported(s)})
             s.pending = ""
         job.emit(
             {

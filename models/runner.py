@@ -143,6 +143,11 @@ class Runner:
                 if msg.get("context"):
                     prompt = self.tok.decode(msg["context"], skip_special_tokens=False) + prompt
                 ids = self.tok.encode(prompt, add_special_tokens=not msg.get("raw", False))
+                resume_ids = msg.get("resume_ids") or []
+                vocab = len(self.tok)
+                if not isinstance(resume_ids, list) or not all(
+                        isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in resume_ids):
+                    raise ValueError("resume_ids must be token ids of this model")
                 constraint = None
                 if msg.get("format") is not None:
                     if self.compiler is None:
@@ -152,7 +157,9 @@ class Runner:
                 special = self.special_ids
                 job = GenerateJob(
                     id=jid,
-                    prompt_ids=ids,
+                    prompt_ids=ids + resume_ids,
+                    resume_ids=resume_ids,
+                    skip_chars=max(0, int(msg.get("skip_chars") or 0)),
                     params=SamplingParams.from_options(opts),
                     num_ctx=int(msg.get("num_ctx", 4096)),
                     num_keep=int(opts.get("num_keep", 4)),

@@ -17,8 +17,9 @@ from omx.models.names import InvalidModelName, ModelName, parse_digest
 from omx.models.store import DigestMismatch, ModelNotFound, Store
 from omx.node import inference
 from omx.node.config import NodeConfig
-from omx.node.inference import Inference
+from omx.node.inference import Inference, Resume
 from omx.node.metrics import MODEL_KEY, TOKENS_KEY, TTFT_KEY
+from omx.node.router import RESUME_FIELD, ROUTER, model_key
 from omx.node.runners import RunnerManager
 from omx.protocols.api import (
     ApiError,
@@ -29,6 +30,7 @@ from omx.protocols.api import (
     EmbedRequest,
     GenerateRequest,
     ModelRef,
+    keep_alive_seconds,
     rfc3339,
 )
 
@@ -66,7 +68,10 @@ async def errors_mw(request: web.Request, handler: Handler) -> web.StreamRespons
     try:
         return await handler(request)
     except ApiError as e:
-        return error_response(e.status, e.message)
+        resp = error_response(e.status, e.message)
+        if e.status == 503:
+            resp.headers["Retry-After"] = "1"  # busy or no replica now: a client may retry shortly
+        return resp
     except web.HTTPRequestEntityTooLarge:
         return error_response(413, f"request body too large (limit {request.app[CONFIG].max_body_bytes} bytes)")
     except web.HTTPNotFound:
@@ -182,35 +187,151 @@ async def version(request: web.Request) -> web.Response:
     return json_response({"version": OLLAMA_API_VERSION, "omx_version": VERSION})
 
 
+def has_model(request: web.Request, raw: str | None) -> bool:
+    try:
+        return bool(raw) and request.app[STORE].exists(raw or "")
+    except (InvalidModelName, ValueError):
+        return False
+
+
+def _generate_text(c: dict[str, Any]) -> str:
+    return str(c.get("response", ""))
+
+
+def _chat_text(c: dict[str, Any]) -> str:
+    return str((c.get("message") or {}).get("content", ""))
+
+
+def route_generate(request: web.Request, req: GenerateRequest, raw: bytes | None = None
+                   ) -> AsyncIterator[dict[str, Any]]:
+    """/api/generate chunks from the best replica in the cluster (native and OpenAI routes share this)."""
+    eng = request.app[INFER]
+    router = request.app[ROUTER]
+    if router.is_routed(request):
+        return inference.generate(eng, req, _resume(raw))
+    body = json.loads(raw) if raw is not None else req.model_dump(exclude_none=True, by_alias=True)
+    if not req.prompt and not req.images and keep_alive_seconds(req.keep_alive) == 0:
+        return unload_everywhere(request, "/api/generate", body, req.model or "",
+                                 lambda: inference.generate(eng, req))
+    return router.stream("/api/generate", body, req.model or "", has_model(request, req.model),
+                         lambda resume: inference.generate(eng, req, resume), _generate_text,
+                         prefix=(req.system or "") + (req.prompt or "")[:512])
+
+
+def route_chat(request: web.Request, req: ChatRequest, raw: bytes | None = None) -> AsyncIterator[dict[str, Any]]:
+    eng = request.app[INFER]
+    router = request.app[ROUTER]
+    if router.is_routed(request):
+        return inference.chat(eng, req, _resume(raw))
+    body = json.loads(raw) if raw is not None else req.model_dump(exclude_none=True, by_alias=True)
+    if not req.messages and keep_alive_seconds(req.keep_alive) == 0:
+        return unload_everywhere(request, "/api/chat", body, req.model or "", lambda: inference.chat(eng, req))
+    prefix = "".join(str(m.content or "") for m in (req.messages or [])[:4])[:512]
+    return router.stream("/api/chat", body, req.model or "", has_model(request, req.model),
+                         lambda resume: inference.chat(eng, req, resume), _chat_text, prefix=prefix)
+
+
+def _resume(raw: bytes | None) -> Resume | None:
+    if raw is None:
+        return None
+    try:
+        obj = json.loads(raw)
+    except ValueError:
+        return None
+    return Resume.from_json(obj.get(RESUME_FIELD)) if isinstance(obj, dict) else None
+
+
+async def unload_everywhere(
+    request: web.Request, path: str, body: dict[str, Any], raw_model: str,
+    local: Callable[[], AsyncIterator[dict[str, Any]]],
+) -> AsyncIterator[dict[str, Any]]:
+    """keep_alive 0 unloads the model on every node that has it loaded, not just the one asked."""
+    router = request.app[ROUTER]
+    key = model_key(raw_model)
+    peers = [t for t in router.peers() if key in (router._meta(t.id).get("models") or [])]
+    results = await router.fanout(peers, "POST", path, {**body, "stream": False}, limit_s=30.0)
+    first: dict[str, Any] | None = None
+    if has_model(request, raw_model) or not peers:
+        async for c in local():
+            first = first or c
+    for _t, res, _err in results:
+        if first is None and isinstance(res, dict):
+            first = res
+    if first is None:
+        errs = [e for _t, _r, e in results if e is not None]
+        raise ApiError(errs[0].status if errs else 404, errs[0].message if errs else f"model '{raw_model}' not found")
+    yield first
+
+
 async def api_generate(request: web.Request) -> web.StreamResponse:
-    req = GenerateRequest.parse(await request.read())
+    raw = await request.read()
+    req = GenerateRequest.parse(raw)
     request[MODEL_KEY] = req.model
-    gen = inference.generate(request.app[INFER], req)
-    return await respond_stream(request, gen, req.stream is not False, merge_generate)
+    return await respond_stream(request, route_generate(request, req, raw), req.stream is not False, merge_generate)
 
 
 async def api_chat(request: web.Request) -> web.StreamResponse:
-    req = ChatRequest.parse(await request.read())
+    raw = await request.read()
+    req = ChatRequest.parse(raw)
     request[MODEL_KEY] = req.model
-    gen = inference.chat(request.app[INFER], req)
-    return await respond_stream(request, gen, req.stream is not False, merge_chat)
+    return await respond_stream(request, route_chat(request, req, raw), req.stream is not False, merge_chat)
 
 
 async def api_embed(request: web.Request) -> web.Response:
-    req = EmbedRequest.parse(await request.read())
+    raw = await request.read()
+    req = EmbedRequest.parse(raw)
     request[MODEL_KEY] = req.model
-    return json_response(await inference.embed(request.app[INFER], req))
+    eng = request.app[INFER]
+    router = request.app[ROUTER]
+    if router.is_routed(request):
+        return json_response(await inference.embed(eng, req))
+    res = await router.forward_json(req.model or "", "/api/embed", json.loads(raw), has_model(request, req.model),
+                                    lambda: inference.embed(eng, req))
+    return json_response(res)
 
 
 async def api_embeddings(request: web.Request) -> web.Response:
-    req = EmbeddingsRequest.parse(await request.read())
-    return json_response(await inference.embeddings_legacy(request.app[INFER], req))
+    raw = await request.read()
+    req = EmbeddingsRequest.parse(raw)
+    eng = request.app[INFER]
+    router = request.app[ROUTER]
+    if router.is_routed(request):
+        return json_response(await inference.embeddings_legacy(eng, req))
+    res = await router.forward_json(req.model or "", "/api/embeddings", json.loads(raw),
+                                    has_model(request, req.model), lambda: inference.embeddings_legacy(eng, req))
+    return json_response(res)
+
+
+async def _from_peers(request: web.Request, path: str) -> list[tuple[str, dict[str, Any]]]:
+    """GET `path` from every other live node (skipped when this request was itself routed here)."""
+    router = request.app[ROUTER]
+    if router.is_routed(request):
+        return []
+    out = []
+    for t, res, err in await router.fanout(router.peers(), "GET", path):
+        if err is None and isinstance(res, dict):
+            out.append((t.id, res))
+        else:
+            log.info("%s %s: %s", t.id, path, err.message if err else "not a JSON object")
+    return out
 
 
 async def api_tags(request: web.Request) -> web.Response:
+    return json_response({"models": await cluster_tags(request)})
+
+
+async def cluster_tags(request: web.Request) -> list[dict[str, Any]]:
+    """The cluster's models: every live node's store, one entry per name (the newest copy)."""
     store = request.app[STORE]
     entries = await asyncio.to_thread(store.list_models)
-    return json_response({"models": [tag_entry(e) for e in entries]})
+    by_name = {e["name"]: e for e in (tag_entry(e) for e in entries)}
+    for _nid, res in await _from_peers(request, "/api/tags"):
+        for m in res.get("models") or []:
+            if isinstance(m, dict) and isinstance(m.get("name"), str):
+                cur = by_name.get(m["name"])
+                if cur is None or str(m.get("modified_at", "")) > str(cur.get("modified_at", "")):
+                    by_name[m["name"]] = m
+    return sorted(by_name.values(), key=lambda m: str(m.get("modified_at", "")), reverse=True)
 
 
 def tag_entry(e: Any) -> dict[str, Any]:
@@ -220,17 +341,27 @@ def tag_entry(e: Any) -> dict[str, Any]:
 
 
 async def api_show(request: web.Request) -> web.Response:
-    req = ModelRef.parse(await request.read())
+    raw = await request.read()
+    req = ModelRef.parse(raw)
     eng = request.app[INFER]
-    m = eng.resolve(req.ref, missing_status=400, missing_msg="model is required")
-    info = await asyncio.to_thread(request.app[STORE].show, m, req.verbose)
-    info["modified_at"] = rfc3339(m.modified_at, local=True)
-    return json_response(info)
+    router = request.app[ROUTER]
+
+    async def local() -> dict[str, Any]:
+        m = eng.resolve(req.ref, missing_status=400, missing_msg="model is required")
+        info = await asyncio.to_thread(request.app[STORE].show, m, req.verbose)
+        info["modified_at"] = rfc3339(m.modified_at, local=True)
+        return info
+
+    if router.is_routed(request) or has_model(request, req.ref) or not req.ref:
+        return json_response(await local())
+    return json_response(await router.forward_json(req.ref, "/api/show", json.loads(raw), False, local))
 
 
 async def api_ps(request: web.Request) -> web.Response:
+    """Models loaded on every live node; `node` names where (an omx extension)."""
     runners = request.app[RUNNERS]
     runners.reap_dead()
+    me = request.app[ROUTER].cluster.id
     out = []
     for r in runners.runners.values():
         expires = r.expires_at if r.expires_at != float("inf") else time.time() + 10 * 365 * 86400
@@ -239,13 +370,34 @@ async def api_ps(request: web.Request) -> web.Response:
         vram = r.info.get("param_bytes", 0) if str(r.info.get("device", "cpu")).startswith("cuda") else 0
         out.append({"name": r.spec.name, "model": r.spec.name, "size": r.spec.size, "digest": r.spec.digest,
                     "details": r.spec.details, "expires_at": rfc3339(expires, local=True), "size_vram": vram,
-                    "context_length": r.spec.num_ctx, "_expires": expires})
-    out.sort(key=lambda x: x.pop("_expires"), reverse=True)
+                    "context_length": r.spec.num_ctx, "node": me})
+    for nid, res in await _from_peers(request, "/api/ps"):
+        for m in res.get("models") or []:
+            if isinstance(m, dict):
+                out.append({**m, "node": m.get("node") or nid})
+    out.sort(key=lambda x: str(x.get("expires_at", "")), reverse=True)
     return json_response({"models": out})
 
 
+async def _on_holders(request: web.Request, raw_model: str, method: str, path: str, body: dict[str, Any]
+                      ) -> tuple[int, list[str]]:
+    """Apply a store action on every other node holding the model: (successes, error messages)."""
+    router = request.app[ROUTER]
+    if router.is_routed(request):
+        return 0, []
+    ok, errors = 0, []
+    for t, _res, err in await router.fanout(router.holders(raw_model), method, path, body, limit_s=30.0):
+        if err is None:
+            ok += 1
+        elif err.status != 404:
+            errors.append(f"{t.id}: {err.message}")
+    return ok, errors
+
+
 async def api_copy(request: web.Request) -> web.Response:
-    req = CopyRequest.parse(await request.read())
+    """Copies the model on every node that holds it, so the new name is served wherever the old one is."""
+    raw = await request.read()
+    req = CopyRequest.parse(raw)
     try:
         src = ModelName.parse(req.source)
     except InvalidModelName:
@@ -254,30 +406,52 @@ async def api_copy(request: web.Request) -> web.Response:
         dst = ModelName.parse(req.destination)
     except InvalidModelName:
         raise ApiError(400, f'destination "{req.destination}" is invalid') from None
-    try:
-        await asyncio.to_thread(request.app[STORE].copy, src, dst)
-    except ModelNotFound:
-        raise ApiError(404, f'model "{req.source}" not found') from None
+    local_ok = False
+    if has_model(request, req.source):
+        try:
+            await asyncio.to_thread(request.app[STORE].copy, src, dst)
+            local_ok = True
+        except ModelNotFound:
+            pass
+    remote_ok, errors = await _on_holders(request, req.source, "POST", "/api/copy", json.loads(raw))
+    if not local_ok and not remote_ok:
+        if errors:
+            raise ApiError(502, "; ".join(errors))
+        raise ApiError(404, f'model "{req.source}" not found')
+    request.app[ROUTER].cluster.store_changed()
     return web.Response(status=200)
 
 
 async def api_delete(request: web.Request) -> web.Response:
-    req = ModelRef.parse(await request.read())
+    """Deletes the model from every node that holds it (and unloads it there first)."""
+    raw = await request.read()
+    req = ModelRef.parse(raw)
     ref = req.ref
     try:
         name = ModelName.parse(ref)
     except InvalidModelName:
         raise ApiError(400, f'name "{ref}" is invalid') from None
     store = request.app[STORE]
+    local_ok = False
     try:
         digest = await asyncio.to_thread(store.manifest_digest, name)
-    except ModelNotFound:
-        raise ApiError(404, f"model '{ref}' not found") from None
-    await request.app[RUNNERS].unload_key(digest)
-    try:
+        await request.app[RUNNERS].unload_key(digest)
         await asyncio.to_thread(store.delete, name)
+        local_ok = True
     except ModelNotFound:
-        raise ApiError(404, f"model '{ref}' not found") from None
+        pass
+    remote_ok, errors = await _on_holders(request, ref, "DELETE", "/api/delete", json.loads(raw))
+    if not local_ok and not remote_ok:
+        if errors:
+            raise ApiError(502, "; ".join(errors))
+        raise ApiError(404, f"model '{ref}' not found")
+    router = request.app[ROUTER]
+    router.cluster.store_changed()
+    if not router.is_routed(request) and model_key(ref) in router.cluster.reg.get("models", {}):
+        try:
+            await router.cluster.registry_write("delete_model", model_key(ref))
+        except ApiError as e:
+            log.warning("deleted %s from the nodes but not from the registry catalog: %s", ref, e.message)
     return web.Response(status=200)
 
 
@@ -318,7 +492,15 @@ async def api_create(request: web.Request) -> web.StreamResponse:
 
     req = CreateRequest.parse(await request.read())
     gen = create_mod.create(request.app[STORE], req)
-    return await respond_progress(request, gen, req.stream is not False)
+    return await respond_progress(request, _then(gen, request.app[ROUTER].cluster.store_changed),
+                                  req.stream is not False)
+
+
+async def _then(gen: AsyncIterator[dict[str, Any]], done: Callable[[], None]) -> AsyncIterator[dict[str, Any]]:
+    """Pass a stream through, then tell `done` (a finished create must be advertised at once)."""
+    async for c in gen:
+        yield c
+    done()
 
 
 async def respond_progress(
@@ -346,16 +528,6 @@ async def respond_progress(
     return resp
 
 
-async def api_not_yet(request: web.Request) -> web.Response:
-    what = request.path.rsplit("/", 1)[-1]
-    await request.read()
-    raise ApiError(
-        501,
-        f"{what} is not available in this version of omx: model distribution between nodes and "
-        "registries has not landed yet; create models with /api/create or `omx create`",
-    )
-
-
 def add_native_routes(app: web.Application) -> None:
     r = app.router
     r.add_get("/", root)  # add_get also answers HEAD
@@ -370,7 +542,5 @@ def add_native_routes(app: web.Application) -> None:
     r.add_post("/api/copy", api_copy)
     r.add_delete("/api/delete", api_delete)
     r.add_post("/api/create", api_create)
-    r.add_post("/api/pull", api_not_yet)
-    r.add_post("/api/push", api_not_yet)
     r.add_route("HEAD", "/api/blobs/{digest}", blob_head)
     r.add_post("/api/blobs/{digest}", blob_post)

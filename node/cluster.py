@@ -21,6 +21,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from omx.models.store import Store
 from omx.node.config import NodeConfig
 from omx.node.events import EventBus
 from omx.node.identity import node_id
@@ -38,6 +39,7 @@ from omx.protocols.swim import JoinError, Member, MemberEvent, SwimConfig, SwimN
 log = logging.getLogger("omx.cluster")
 
 META_REFRESH = 1.0  # seconds between metadata refreshes (load counters, loaded models, raft role)
+HAVE_BUDGET = 900  # bytes of model names a node advertises in gossip (metadata is capped at 2 KB)
 
 
 def _remembered_port(path: Path, host: str) -> int:
@@ -52,6 +54,18 @@ def _remembered_port(path: Path, host: str) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(str(port))
     return port
+
+
+def _mem_available() -> int:
+    """Bytes of memory available for new models (Linux MemAvailable; 0 when unknown)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
 
 
 class ClusterStartError(Exception):
@@ -77,10 +91,16 @@ def load_cluster_key(cfg: NodeConfig) -> bytes:
 class Cluster:
     """Owns the SwimNode and (on control nodes) the Registry; exposes views for the HTTP API."""
 
-    def __init__(self, cfg: NodeConfig, events: EventBus, runners: RunnerManager) -> None:
+    def __init__(self, cfg: NodeConfig, events: EventBus, runners: RunnerManager, store: Store) -> None:
         self.cfg = cfg
         self.events = events
         self.runners = runners
+        self.store = store
+        # The region's registry as last read: control nodes copy their replica, workers poll a control node.
+        # Routing and placement decide from this snapshot; writes still go through Raft.
+        self.reg: dict[str, Any] = {}
+        self._have: list[str] = []
+        self._have_at = 0.0
         self.id = node_id(cfg.data_dir)
         self.key = load_cluster_key(cfg)
         self.http_token = derive(self.key, "internal http").hex()
@@ -113,6 +133,8 @@ class Cluster:
                 )
             except RegistryError as e:
                 raise ClusterStartError(f"cannot start the registry on {self.raft_addr}: {e}") from None
+        await asyncio.to_thread(self._scan_store)
+        await self._read_registry()
         profile = SwimConfig.local() if cfg.gossip_profile == "local" else SwimConfig.lan()
         if cfg.suspicion_mult:
             profile = dataclasses.replace(profile, suspicion_mult=cfg.suspicion_mult)
@@ -228,15 +250,42 @@ class Cluster:
             st = self.registry.status()
             raft = {"addr": self.raft_addr, "state": st.get("raft_state"), "leader": st.get("leader"),
                     "term": st.get("term")}
-        loaded = sorted(r.spec.name for r in self.runners.runners.values() if not r.dead)[:16]
-        inflight = sum(r.inflight for r in self.runners.runners.values())
+        live = [r for r in self.runners.runners.values() if not r.dead]
+        loaded = sorted(r.spec.name for r in live)[:16]
+        inflight = sum(r.inflight for r in live)
+        queue = sum(max(0, r.inflight - r.num_parallel) for r in live)
+        mine = self.reg.get("nodes", {}).get(self.id, {})
         return {"region": cfg.region, "role": cfg.role, "api": self.api_url, "raft": raft, "models": loaded,
-                "inflight": inflight, "slots": cfg.num_parallel * cfg.max_loaded_models}
+                "have": self._have, "inflight": inflight, "queue": queue,
+                "slots": cfg.num_parallel * cfg.max_loaded_models, "mem_avail": _mem_available(),
+                "cordoned": bool(mine.get("cordoned")), "draining": bool(mine.get("draining"))}
+
+    def _scan_store(self) -> None:
+        """Model names in our store, as short as they print, within the gossip budget (routing reads them)."""
+        names: list[str] = []
+        used = 0
+        for e in sorted(self.store.list_models(), key=lambda e: e.modified_at, reverse=True):
+            n = e.name.display_shortest()
+            if used + len(n) + 3 > HAVE_BUDGET:
+                log.warning("store holds more models than gossip metadata can advertise; %s and older are "
+                            "not advertised", n)
+                break
+            names.append(n)
+            used += len(n) + 3
+        self._have = sorted(names)
+        self._have_at = time.monotonic()
+
+    def store_changed(self) -> None:
+        """Create/copy/delete/pull call this so peers learn within a second, not at the next rescan."""
+        self._have_at = 0.0
 
     async def _refresh_loop(self) -> None:
         while True:
             await asyncio.sleep(META_REFRESH)
             try:
+                await self._read_registry()
+                if time.monotonic() - self._have_at > 10.0:
+                    await asyncio.to_thread(self._scan_store)
                 self._refresh()
                 self._remember_peers()
                 if self.registry is not None and self.registry.is_leader:
@@ -255,6 +304,15 @@ class Cluster:
             if leader != self._last_leader:
                 self._last_leader = leader
                 self.events.publish("raft.leader", region=self.cfg.region, leader=leader, by=self.id)
+
+    async def _read_registry(self) -> None:
+        if self.registry is not None:
+            self.reg = self.registry.snapshot()
+            return
+        if self.swim is None:
+            return
+        with contextlib.suppress(ApiError):
+            self.reg = (await self.registry_read()).get("state", {})
 
     def _on_member(self, ev: MemberEvent) -> None:
         m = ev.member

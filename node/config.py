@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -17,6 +18,18 @@ from omx.protocols.hosts import parse_host
 
 class ConfigError(Exception):
     """A settings problem, worded for the operator (file, key, what is wrong)."""
+
+
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
+          "t": 1000**4, "tb": 1000**4, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+
+
+def parse_bytes(text: str) -> int:
+    """"50GB", "1.5 GiB", "1048576" → bytes (decimal units like Ollama's output, binary with an i)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+    if m is None or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"{text!r} is not a size such as 50GB or 512MiB")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
 def default_data_dir() -> Path:
@@ -52,6 +65,24 @@ class NodeConfig(BaseModel):
     gossip_profile: Literal["lan", "local"] = "lan"
     join_timeout: float = Field(30.0, ge=0, description="how long to keep retrying unreachable join seeds")
     suspicion_mult: int = Field(0, ge=0, le=100, description="SWIM suspicion multiplier; 0 keeps the profile's")
+    # routing and failover (node/router.py)
+    routing_policy: Literal["affinity", "prefix"] = Field(
+        "affinity", description="affinity: model affinity + power of two choices; prefix: also keep prompt prefixes "
+        "on one replica so its KV cache is reused")
+    route_attempts: int = Field(3, ge=1, le=10, description="replicas tried before the first byte of a response")
+    route_connect_timeout: float = Field(3.0, gt=0, description="seconds to connect to a peer")
+    route_stall_timeout: float = Field(30.0, gt=0, description="seconds without a byte before a stream is failed over")
+    route_resumes: int = Field(2, ge=0, le=10, description="mid-stream resumptions per request")
+    breaker_failures: int = Field(3, ge=1, description="consecutive failures that take a peer out of rotation")
+    breaker_cooldown: float = Field(5.0, gt=0, description="seconds before a probe may bring a peer back")
+    external_check_interval: float = Field(5.0, gt=0, description="seconds between external instance health checks")
+    scheduler_interval: float = Field(2.0, gt=0, description="seconds between placement reconciliations")
+    # model distribution (node/distribution.py, models/transfer.py)
+    disk_budget: int = Field(0, ge=0, description="bytes the model store may use (\"50GB\" works); 0: the disk")
+    bandwidth_limit: int = Field(0, ge=0, description="bytes per second for blob downloads (\"100MB\"); 0: none")
+    registries: list[str] = Field(default_factory=lambda: ["https://registry.ollama.ai"],
+                                  description="registry URLs tried in order for names without a host")
+    allow_anonymous_blobs: bool = Field(False, description="serve manifests and blobs to peers without the token")
 
     @field_validator("keep_alive", mode="before")
     @classmethod
@@ -63,6 +94,26 @@ class NodeConfig(BaseModel):
             except ValueError:
                 return parse_go_duration(text)
         return v
+
+    @field_validator("disk_budget", "bandwidth_limit", mode="before")
+    @classmethod
+    def _byte_size(cls, v: Any) -> Any:
+        return parse_bytes(v) if isinstance(v, str) else v
+
+    @field_validator("registries", mode="before")
+    @classmethod
+    def _url_list(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = [x.strip() for x in v.split(",") if x.strip()]
+        return v
+
+    @field_validator("registries")
+    @classmethod
+    def _urls(cls, v: list[str]) -> list[str]:
+        for u in v:
+            if not u.startswith(("http://", "https://")) or len(u.split("://", 1)[1].strip("/")) == 0:
+                raise ValueError(f"{u!r} is not an http(s):// registry URL")
+        return [u.rstrip("/") for u in v]
 
     @field_validator("join", "raft_peers", mode="before")
     @classmethod
@@ -121,6 +172,11 @@ _ENV = {
     "OMX_CLUSTER_KEY_FILE": "cluster_key_file",
     "OMX_SUSPICION_MULT": "suspicion_mult",
     "OMX_JOIN_TIMEOUT": "join_timeout",
+    "OMX_ROUTING_POLICY": "routing_policy",
+    "OMX_DISK_BUDGET": "disk_budget",
+    "OMX_BANDWIDTH_LIMIT": "bandwidth_limit",
+    "OMX_REGISTRIES": "registries",
+    "OMX_ALLOW_ANONYMOUS_BLOBS": "allow_anonymous_blobs",
 }
 
 

@@ -30,6 +30,56 @@ from omx.protocols.api import (
     rfc3339,
 )
 
+IDS_FIELD = "_omx_ids"  # token ids in a chunk: read (and removed) by the router, never sent to a client
+
+
+@dataclass
+class Resume:
+    """A generation another replica started: continue after `text`, and report counters for the whole of it."""
+
+    text: str = ""
+    tokens: int = 0
+    eval_ns: int = 0
+    elapsed_ns: int = 0
+    ids: list[int] | None = None  # the generated token ids, when the replica reported them (omx runners do)
+
+    @classmethod
+    def from_json(cls, obj: object) -> Resume | None:
+        if not isinstance(obj, dict):
+            return None
+        try:
+            ids = obj.get("ids")
+            if ids is not None and not (isinstance(ids, list) and all(type(t) is int for t in ids)):
+                return None
+            return cls(text=str(obj.get("text", "")), tokens=max(0, int(obj.get("tokens", 0))),
+                       eval_ns=max(0, int(obj.get("eval_ns", 0))), elapsed_ns=max(0, int(obj.get("elapsed_ns", 0))),
+                       ids=ids)
+        except (TypeError, ValueError):
+            return None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"text": self.text, "tokens": self.tokens, "eval_ns": self.eval_ns, "elapsed_ns": self.elapsed_ns,
+                "ids": self.ids}
+
+    def apply(self, op: dict[str, Any]) -> None:
+        """Continue after what was generated: exactly from its token ids when known (no re-tokenising), else
+        from its text; `num_predict` shrinks by what was already generated."""
+        opts = op["options"]
+        n = opts.get("num_predict")
+        if isinstance(n, int) and n > 0:
+            opts["num_predict"] = max(1, n - self.tokens)
+        if self.ids is not None:
+            op["resume_ids"] = self.ids
+            op["skip_chars"] = len(self.text)
+        else:
+            op["prompt"] += self.text
+
+    def fix_final(self, final: dict[str, Any]) -> None:
+        final["eval_count"] = int(final.get("eval_count", 0)) + self.tokens
+        final["prompt_eval_count"] = max(0, int(final.get("prompt_eval_count", 0)) - self.tokens)
+        final["eval_duration"] = int(final.get("eval_duration", 0)) + self.eval_ns
+        final["total_duration"] = int(final.get("total_duration", 0)) + self.elapsed_ns
+
 
 @dataclass
 class Inference:
@@ -137,7 +187,8 @@ def _check_images(m: ResolvedModel, raw: str, has_images: bool) -> None:
         raise ApiError(400, f'"{raw}" does not support image input')
 
 
-async def generate(eng: Inference, req: GenerateRequest) -> AsyncIterator[dict[str, Any]]:
+async def generate(eng: Inference, req: GenerateRequest, resume: Resume | None = None
+                   ) -> AsyncIterator[dict[str, Any]]:
     """/api/generate as a stream of native chunks (the first chunk is final for load/unload)."""
     raw = req.model or ""
     m = eng.resolve(raw)
@@ -170,22 +221,27 @@ async def generate(eng: Inference, req: GenerateRequest) -> AsyncIterator[dict[s
             raise ApiError(400, f"template error: {e}") from None
     op = {"op": "generate", "prompt": prompt, "raw": req.raw, "options": opts, "num_ctx": eng.num_ctx(opts),
           "format": fmt, "context": req.context or None}
+    if resume is not None:
+        resume.apply(op)
     async for msg in eng.stream_tokens(m, op, keep_alive):
         if "error" in msg:
             yield msg
             return
         if msg["t"] == "token":
-            yield {"model": raw, "created_at": rfc3339(), "response": msg["text"], "done": False}
+            yield {"model": raw, "created_at": rfc3339(), "response": msg["text"], "done": False,
+                   IDS_FIELD: msg.get("ids")}
         elif msg["t"] == "done":
             final: dict[str, Any] = {"model": raw, "created_at": rfc3339(), "response": "", "done": True,
                                      "done_reason": msg["done_reason"]}
             if not req.raw:
                 final["context"] = msg.get("context", [])
             final.update(_metrics(msg))
+            if resume is not None:
+                resume.fix_final(final)
             yield final
 
 
-async def chat(eng: Inference, req: ChatRequest) -> AsyncIterator[dict[str, Any]]:
+async def chat(eng: Inference, req: ChatRequest, resume: Resume | None = None) -> AsyncIterator[dict[str, Any]]:
     raw = req.model or ""
     m = eng.resolve(raw, missing_status=400, missing_msg="model is required")
     keep_alive = keep_alive_seconds(req.keep_alive)
@@ -211,18 +267,22 @@ async def chat(eng: Inference, req: ChatRequest) -> AsyncIterator[dict[str, Any]
         raise ApiError(400, f"template error: {e}") from None
     op = {"op": "generate", "prompt": prompt, "raw": False, "options": opts, "num_ctx": eng.num_ctx(opts),
           "format": fmt}
+    if resume is not None:
+        resume.apply(op)
     async for msg in eng.stream_tokens(m, op, keep_alive):
         if "error" in msg:
             yield msg
             return
         if msg["t"] == "token":
             yield {"model": raw, "created_at": rfc3339(), "message": {"role": "assistant", "content": msg["text"]},
-                   "done": False}
+                   "done": False, IDS_FIELD: msg.get("ids")}
         elif msg["t"] == "done":
             final: dict[str, Any] = {"model": raw, "created_at": rfc3339(),
                                      "message": {"role": "assistant", "content": ""},
                                      "done_reason": msg["done_reason"], "done": True}
             final.update(_metrics(msg))
+            if resume is not None:
+                resume.fix_final(final)
             yield final
 
 

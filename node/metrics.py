@@ -12,7 +12,7 @@ from typing import Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -95,6 +95,22 @@ class StateCollector(Collector):
                                 value=s.get("local_health", 0))
         yield GaugeMetricFamily("omx_gossip_dropped_packets", "Gossip packets dropped (bad key, replay, garbage)",
                                 value=s.get("dropped", 0))
+        if "router" in s:
+            r = s["router"]
+            yield CounterMetricFamily("omx_router_retries", "Requests retried on another replica before the first "
+                                      "byte", value=r["retries"])
+            yield CounterMetricFamily("omx_router_resumptions", "Streams resumed on another replica mid-way",
+                                      value=r["resumes"])
+            yield GaugeMetricFamily("omx_router_inflight", "Requests this node is routing now", value=r["inflight"])
+            queue = GaugeMetricFamily("omx_queue_depth", "Requests waiting for a runner slot", labels=["model"])
+            for model, n in r["queue"].items():
+                queue.add_metric([model], n)
+            yield queue
+            circuit = GaugeMetricFamily("omx_router_circuit_open", "1 while a target's circuit breaker keeps it out "
+                                        "of rotation", labels=["target"])
+            for target, state in r["circuits"].items():
+                circuit.add_metric([target], 1 if state != "closed" else 0)
+            yield circuit
         if "raft" in s:
             raft = s["raft"]
             yield GaugeMetricFamily("omx_raft_is_leader", "1 if this node leads its region's Raft group",

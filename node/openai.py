@@ -2,21 +2,22 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import random
 import struct
 import time
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from typing import Any
 
 from aiohttp import web
 
 from omx.models.names import InvalidModelName, ModelName
 from omx.node import inference
-from omx.node.app import INFER, STORE, json_response
+from omx.node.app import INFER, cluster_tags, has_model, json_response, route_chat, route_generate
 from omx.node.metrics import MODEL_KEY
+from omx.node.router import ROUTER, model_key
 from omx.protocols.api import ApiError, ChatRequest, GenerateRequest, load_json
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -186,7 +187,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         {"model": model, "messages": messages, "stream": stream, "options": _options(data),
          "format": _format(data)}
     )
-    first, rest = await inference.first_and_rest(inference.chat(request.app[INFER], native))
+    first, rest = await inference.first_and_rest(route_chat(request, native))
     if first is None:
         raise ApiError(500, "no response from model")
     cid, created = f"chatcmpl-{random.randint(0, 998)}", int(time.time())
@@ -233,7 +234,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     )
     if not prompt:
         raise ApiError(400, "'prompt' must not be empty")
-    first, rest = await inference.first_and_rest(inference.generate(request.app[INFER], native))
+    first, rest = await inference.first_and_rest(route_generate(request, native))
     if first is None:
         raise ApiError(500, "no response from model")
     cid, created = f"cmpl-{random.randint(0, 998)}", int(time.time())
@@ -281,12 +282,18 @@ async def embeddings(request: web.Request) -> web.Response:
     if dims is not None and dims < 1:
         raise ApiError(400, "dimensions must be a positive integer")
     eng = request.app[INFER]
-    m = eng.resolve(model)
     request[MODEL_KEY] = model
-    res = await inference.embed_vectors(eng, m, inputs, eng.options_for(m, None), True, None)
+
+    async def local() -> dict[str, Any]:
+        m = eng.resolve(model)
+        res = await inference.embed_vectors(eng, m, inputs, eng.options_for(m, None), True, None)
+        vectors = [inference.l2_normalize(v[:dims] if dims else v) for v in res["embeddings"]]
+        return {"embeddings": vectors, "prompt_eval_count": res.get("prompt_eval_count", 0)}
+
+    native = {"model": model, "input": inputs, **({"dimensions": dims} if dims else {})}
+    res = await request.app[ROUTER].forward_json(model, "/api/embed", native, has_model(request, model), local)
     out = []
-    for i, v in enumerate(res["embeddings"]):
-        v = inference.l2_normalize(v[:dims] if dims else v)
+    for i, v in enumerate(res.get("embeddings") or []):
         emb: Any = base64.b64encode(struct.pack(f"<{len(v)}f", *v)).decode() if enc == "base64" else v
         out.append({"object": "embedding", "embedding": emb, "index": i})
     n = int(res.get("prompt_eval_count", 0))
@@ -294,16 +301,21 @@ async def embeddings(request: web.Request) -> web.Response:
                           "usage": {"prompt_tokens": n, "total_tokens": n}})
 
 
-def _model_obj(entry: Any, ident: str | None = None) -> dict[str, Any]:
-    created = int(entry.modified_at.timestamp())
-    return {"id": ident or entry.name.display_shortest(), "object": "model", "created": created,
-            "owned_by": entry.name.namespace}
+def _model_obj(tag: dict[str, Any], ident: str | None = None) -> dict[str, Any]:
+    try:
+        created = int(datetime.fromisoformat(str(tag.get("modified_at"))).timestamp())
+    except ValueError:
+        created = 0
+    try:
+        owner = ModelName.parse(tag["name"]).namespace
+    except InvalidModelName:
+        owner = "library"
+    return {"id": ident or tag["name"], "object": "model", "created": created, "owned_by": owner}
 
 
 @openai_route
 async def list_models(request: web.Request) -> web.Response:
-    entries = await asyncio.to_thread(request.app[STORE].list_models)
-    return json_response({"object": "list", "data": [_model_obj(e) for e in entries]})
+    return json_response({"object": "list", "data": [_model_obj(t) for t in await cluster_tags(request)]})
 
 
 @openai_route
@@ -313,10 +325,9 @@ async def get_model(request: web.Request) -> web.Response:
         name = ModelName.parse(ident)
     except InvalidModelName:
         raise ApiError(404, f"model '{ident}' not found") from None
-    entries = await asyncio.to_thread(request.app[STORE].list_models)
-    for e in entries:
-        if e.name.display_shortest().lower() == name.display_shortest().lower():
-            return json_response(_model_obj(e, ident))
+    for tag in await cluster_tags(request):
+        if model_key(tag["name"]).lower() == name.display_shortest().lower():
+            return json_response(_model_obj(tag, ident))
     raise ApiError(404, f"model '{ident}' not found")
 
 

@@ -19,11 +19,15 @@ from omx.node.app import CONFIG, INFER, RUNNERS, STORE, add_native_routes, error
 from omx.node.cluster import Cluster, ClusterStartError
 from omx.node.cluster_routes import CLUSTER, EVENTS, add_cluster_routes
 from omx.node.config import ConfigError, NodeConfig, load_config
+from omx.node.distribution import add_distribution_routes
 from omx.node.events import EventBus
 from omx.node.inference import Inference
 from omx.node.metrics import Metrics, StateCollector
 from omx.node.openai import add_openai_routes
+from omx.node.proxy_routes import add_proxy_routes
+from omx.node.router import ROUTER, Router
 from omx.node.runners import RunnerManager
+from omx.node.scheduler import SCHEDULER, Scheduler
 
 log = logging.getLogger("omx.node")
 
@@ -50,11 +54,16 @@ def build_app(cfg: NodeConfig) -> web.Application:
     add_native_routes(app)
     add_openai_routes(app)
     app[EVENTS] = EventBus()
-    app[CLUSTER] = Cluster(cfg, app[EVENTS], runners)
+    app[CLUSTER] = Cluster(cfg, app[EVENTS], runners, store)
+    app[ROUTER] = Router(cfg, app[CLUSTER], runners, app[EVENTS])
+    app[SCHEDULER] = Scheduler(cfg, app[CLUSTER], app[INFER], app[EVENTS])
     add_cluster_routes(app)
+    add_distribution_routes(app)
+    add_proxy_routes(app)
     metrics.add_collector(StateCollector(lambda: _live_state(app)))
     app.router.add_get("/metrics", metrics.handler)
     app.cleanup_ctx.append(_runners_ctx)
+    app.cleanup_ctx.append(_router_ctx)
     return app
 
 
@@ -69,9 +78,21 @@ def _live_state(app: web.Application) -> dict[str, object]:
         state["members"] = cluster.member_counts()
         state["local_health"] = cluster.swim.local_health
         state["dropped"] = cluster.swim.stats().get("dropped_total", 0)
+    router = app[ROUTER]
+    state["router"] = {
+        "retries": router.retries_total, "resumes": router.resumes_total, "inflight": router.inflight,
+        "queue": {r.spec.name: max(0, r.inflight - r.num_parallel) for r in runners.runners.values()},
+        "circuits": {tid: b.state for tid, b in router.breakers.items()},
+    }
     if cluster.registry is not None:
         state["raft"] = cluster.registry.status()
     return state
+
+
+async def _router_ctx(app: web.Application) -> AsyncIterator[None]:
+    await app[ROUTER].start()
+    yield
+    await app[ROUTER].stop()
 
 
 async def _runners_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -117,6 +138,7 @@ async def serve(cfg: NodeConfig) -> None:
         await runner.cleanup()
         raise SystemExit(f"omx: {e}") from None
     assert cluster.swim is not None
+    app[SCHEDULER].start()
     # one parseable line so launchers and tests know where we listen (port 0 picks a free one)
     print(f"omx node listening on {api_url} gossip={cluster.swim.address} id={cluster.id} "
           f"region={cfg.region} role={cfg.role} data_dir={cfg.data_dir}", flush=True)
@@ -127,6 +149,7 @@ async def serve(cfg: NodeConfig) -> None:
         signal.signal(sig, signal.SIG_IGN)
     # leave first: peers see a graceful departure (never a failure) and stop sending us work
     await cluster.leave()
+    await app[SCHEDULER].stop()
     log.info("shutting down: draining in-flight requests (grace %.0fs)", cfg.shutdown_grace)
     await runner.cleanup()
     await cluster.stop()

@@ -197,9 +197,9 @@ def test_errors_raise_response_error(oc: ollama.Client) -> None:
     with pytest.raises(ollama.ResponseError) as e:
         oc.copy("no-such-model", "x")
     assert e.value.status_code == 404
-    with pytest.raises(ollama.ResponseError) as e:
+    with pytest.raises(ollama.ResponseError) as e:  # no peer has it; the registry lacks it or is unreachable
         oc.pull("omx-tiny")
-    assert e.value.status_code == 501
+    assert e.value.status_code in (404, 502)
 
 
 def test_concurrent_generations_batched(oc: ollama.Client) -> None:

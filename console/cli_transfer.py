@@ -1,0 +1,124 @@
+"""`omx pull`, `omx push` and `omx model import --from-ollama`: moving models in and out of the cluster.
+
+Like the rest of the CLI this is an HTTP client only: pull and push show the node's Ollama progress stream
+as rich bars; import reads a local Ollama store and uploads its blobs and manifests unchanged (the node
+verifies every blob's sha256), so digests stay the same.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import quote
+
+import typer
+
+cli: Any = None  # omx.console.cli as it runs (it may be __main__): register() sets it
+
+HostOpt = Annotated[
+    str | None,
+    typer.Option("--host", help="Node address, OLLAMA_HOST forms (default: $OMX_HOST or 127.0.0.1:11434)."),
+]
+InsecureOpt = Annotated[bool, typer.Option("--insecure", help="Allow a plain-HTTP registry.")]
+
+
+def _progress(path: str, body: dict[str, Any], host: str | None) -> None:
+    client = cli._client(host)
+    view = cli.ProgressView()
+    try:
+        for p in client.stream("POST", path, {**body, "stream": True}):
+            if p.get("status"):
+                view.update(str(p["status"]), p.get("total"), p.get("completed"))
+    finally:
+        view.close()
+        client.close()
+
+
+def pull(name: Annotated[str, typer.Argument(help="Model name.")], insecure: InsecureOpt = False,
+         host: HostOpt = None) -> None:
+    """Pull a model: from the cluster's nodes that hold it, else from its registry."""
+    _progress("/api/pull", {"model": name, "insecure": insecure}, host)
+
+
+def push(name: Annotated[str, typer.Argument(help="Model name, HOST/NAMESPACE/MODEL:TAG.")],
+         insecure: InsecureOpt = False, host: HostOpt = None) -> None:
+    """Push a model to a registry."""
+    _progress("/api/push", {"model": name, "insecure": insecure}, host)
+
+
+def default_ollama_dir() -> Path:
+    return Path(os.environ.get("OLLAMA_MODELS") or Path.home() / ".ollama" / "models")
+
+
+def ollama_models(root: Path) -> list[tuple[str, Path]]:
+    """(name, manifest path) for every `manifests/<host>/<namespace>/<model>/<tag>` file of an Ollama store."""
+    base = root / "manifests"
+    out = []
+    for path in sorted(base.glob("*/*/*/*")):
+        if path.is_file() and not path.name.startswith("."):
+            host, ns, model, tag = path.relative_to(base).parts
+            out.append((f"{host}/{ns}/{model}:{tag}", path))
+    return out
+
+
+def _blobs(manifest: dict[str, Any]) -> list[tuple[str, int]]:
+    layers = [*(manifest.get("layers") or []), manifest.get("config") or {}]
+    seen: dict[str, int] = {}
+    for layer in layers:
+        d = layer.get("digest")
+        if isinstance(d, str) and d.startswith("sha256:"):
+            seen.setdefault(d, int(layer.get("size") or 0))
+    return list(seen.items())
+
+
+def import_models(
+    from_ollama: Annotated[bool, typer.Option("--from-ollama", help="Import from a local Ollama store.")] = False,
+    directory: Annotated[Path | None, typer.Argument(help="Ollama models directory (default: $OLLAMA_MODELS "
+                                                          "or ~/.ollama/models).")] = None,
+    host: HostOpt = None,
+) -> None:
+    """Copy models from a local Ollama store into the node, digests unchanged."""
+    if not from_ollama:
+        raise cli.CliError("say where to import from: --from-ollama [DIR]")
+    root = (directory or default_ollama_dir()).expanduser()
+    models = ollama_models(root)
+    if not models:
+        raise cli.CliError(f"no Ollama models under {root} (expected {root / 'manifests'}/HOST/NS/MODEL/TAG)")
+    client = cli._client(host)
+    view = cli.ProgressView()
+    done = 0
+    try:
+        for name, path in models:
+            data = path.read_bytes()
+            try:
+                blobs = _blobs(json.loads(data))
+            except ValueError:
+                view.update(f"skipping {name}: the manifest is not JSON")
+                continue
+            missing = [d for d, _ in blobs if not (root / "blobs" / d.replace(":", "-")).is_file()]
+            if missing:
+                view.update(f"skipping {name}: blob {missing[0]} is missing from {root / 'blobs'}")
+                continue
+            status = f"importing {name}"
+            view.update(status, total=sum(size for _, size in blobs) or 1, completed=0)
+            for d, _ in blobs:
+                cli.upload_blob(client, root / "blobs" / d.replace(":", "-"), d.removeprefix("sha256:"),
+                                lambda n, s=status: view.advance(s, n))
+            client.request("PUT", f"/api/v1/manifests?model={quote(name)}", content=data,
+                           headers={"Content-Type": "application/vnd.docker.distribution.manifest.v2+json"})
+            done += 1
+        view.update(f"imported {done} of {len(models)} model(s)")
+    finally:
+        view.close()
+        client.close()
+
+
+def register(module: Any, app: typer.Typer, model_app: typer.Typer) -> None:
+    """cli.py calls this with itself: its helpers and errors must be the running copy's (it may be __main__)."""
+    global cli
+    cli = module
+    app.command("pull")(pull)
+    app.command("push")(push)
+    model_app.command("import")(import_models)

@@ -1,0 +1,736 @@
+"""Blob transfer between stores: ranged chunks from several sources at once, verified as they arrive.
+
+A blob is fetched in fixed-size chunks over HTTP Range requests, spread over every usable source (omx peers
+or an OCI registry). Chunks may arrive out of order; each is written at its offset into a hidden partial
+file and kept in memory until the contiguous prefix reaches it, then fed to one running sha256. That is the
+only pass over the data: when the last chunk is hashed the digest is known, and a matching blob is renamed
+into place. Memory is bounded by letting workers run at most `window` chunks ahead of the hash.
+
+The whole-blob sha256 is the only ground truth (a source's own claims prove nothing), so a mismatch is
+localized by refetching one contributing source's chunks from the others: if that fixes the digest, the
+source served bad bytes and is marked bad. Partial files (`blobs/.omx-partial-<hex>`, with a JSON record of
+the chunks written) survive interruption and are resumed; they never look like blobs. Concurrent requests
+for one blob share one transfer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from omx.models.manifest import Layer, Manifest
+from omx.models.names import ModelName
+from omx.models.store import BlobNotFound, ModelNotFound, Store, _atomic_write, _hex
+
+log = logging.getLogger("omx.transfer")
+
+PARTIAL_PREFIX = ".omx-partial-"
+CHUNK = 8 << 20  # big enough that per-request overhead vanishes, small enough to spread over seeders
+STREAMS_PER_SOURCE = 2  # two requests in flight per source keep a connection busy while one finishes
+MAX_STREAMS = 8
+BAD_FOR_S = 600.0  # how long a source that served bad bytes is left out
+_RECORD_EVERY_S = 1.0
+_READ_PIECE = 1 << 20
+
+
+class TransferError(Exception):
+    """A blob or manifest could not be fetched from any source; the message is for the user."""
+
+
+class BudgetExceeded(TransferError):
+    """Not enough disk budget (or free disk) for a pull, even after evicting what may be evicted."""
+
+
+class SourceError(Exception):
+    """One request to one source failed; `permanent` means the source cannot serve this blob at all."""
+
+    def __init__(self, message: str, permanent: bool = False) -> None:
+        super().__init__(message)
+        self.permanent = permanent
+
+
+@dataclass(frozen=True)
+class Source:
+    """Somewhere blobs can be fetched from: `blob_prefix + "sha256:<hex>"` answers ranged GETs."""
+
+    id: str
+    blob_prefix: str
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+    def url(self, hexd: str) -> str:
+        return f"{self.blob_prefix}sha256:{hexd}"
+
+
+class RateLimiter:
+    """Token bucket shared by every transfer of a node (bytes per second; one second of burst)."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = float(rate)
+        self._tokens = self.rate
+        self._last = time.monotonic()
+        self._lock = asyncio.Lock()
+
+    async def take(self, n: int) -> None:
+        async with self._lock:
+            now = time.monotonic()
+            self._tokens = min(self.rate, self._tokens + (now - self._last) * self.rate)
+            self._last = now
+            self._tokens -= n
+            if self._tokens < 0:
+                await asyncio.sleep(-self._tokens / self.rate)
+
+
+class SourceHealth:
+    """Sources that served bad bytes, left out of new transfers for a while."""
+
+    def __init__(self, bad_for: float = BAD_FOR_S) -> None:
+        self.bad_for = bad_for
+        self._bad: dict[str, tuple[float, str]] = {}
+
+    def mark_bad(self, source_id: str, reason: str) -> None:
+        log.warning("marking source %s bad for %.0fs: %s", source_id, self.bad_for, reason)
+        self._bad[source_id] = (time.monotonic() + self.bad_for, reason)
+
+    def is_bad(self, source_id: str) -> bool:
+        entry = self._bad.get(source_id)
+        if entry is None:
+            return False
+        if entry[0] < time.monotonic():
+            del self._bad[source_id]
+            return False
+        return True
+
+    def bad(self) -> dict[str, str]:
+        return {k: v[1] for k, v in self._bad.items() if self.is_bad(k)}
+
+    def usable(self, sources: Iterable[Source]) -> list[Source]:
+        return [s for s in sources if not self.is_bad(s.id)]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Partial files
+
+
+def partial_path(store: Store, hexd: str) -> Path:
+    return store.blobs_dir / f"{PARTIAL_PREFIX}{hexd}"
+
+
+def _record_path(store: Store, hexd: str) -> Path:
+    return store.blobs_dir / f"{PARTIAL_PREFIX}{hexd}.json"
+
+
+def remove_partial(store: Store, hexd: str) -> None:
+    for p in (partial_path(store, hexd), _record_path(store, hexd)):
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+
+
+def _load_record(store: Store, hexd: str, size: int, chunk: int) -> set[int]:
+    """Chunks a previous transfer wrote; anything inconsistent starts the blob over."""
+    path, rec = partial_path(store, hexd), _record_path(store, hexd)
+    try:
+        data = json.loads(rec.read_bytes())
+        if data.get("size") != size or data.get("chunk") != chunk or path.stat().st_size != size:
+            raise ValueError("record does not match")
+        done = {int(i) for i in data.get("done", [])}
+        if any(not 0 <= i < -(-size // chunk) for i in done):
+            raise ValueError("chunk out of range")
+        return done
+    except (OSError, ValueError, TypeError, AttributeError):
+        remove_partial(store, hexd)
+        return set()
+
+
+def partial_bytes(store: Store) -> int:
+    total = 0
+    with contextlib.suppress(OSError), os.scandir(store.blobs_dir) as it:
+        for e in it:
+            if e.name.startswith(PARTIAL_PREFIX):
+                with contextlib.suppress(OSError):
+                    total += e.stat(follow_symlinks=False).st_size
+    return total
+
+
+# --------------------------------------------------------------------------------------------------------
+# One blob
+
+
+class BlobTransfer:
+    """The shared download of one blob; `completed` counts bytes on disk (resumed ones included)."""
+
+    def __init__(self, fetcher: Fetcher, hexd: str, size: int, sources: Sequence[Source]) -> None:
+        self.fetcher = fetcher
+        self.hex = hexd
+        self.size = size
+        self.sources = list(sources)
+        self.completed = 0
+        self.task: asyncio.Task[None] | None = None
+        self.pin_sets: list[set[str]] = []
+        # per attempt
+        self._chunk = fetcher.chunk_size
+        self._n = max(1, -(-size // self._chunk))
+        self._cond = asyncio.Condition()
+        self._todo: list[int] = []
+        self._mem: dict[int, bytearray] = {}
+        self._on_disk: set[int] = set()  # written but no longer (or never) in memory
+        self._by: dict[int, str] = {}  # chunk → source id that served it ("disk": an earlier process)
+        self._written = 0
+        self._hashed = 0
+        self._hasher: Any = None
+        self._live = 0
+        self._error: str | None = None
+        self._fd = -1
+        self._last_record = 0.0
+
+    async def wait(self) -> None:
+        assert self.task is not None
+        await asyncio.shield(self.task)
+
+    # ---- the attempts ------------------------------------------------------------------------------
+    async def run(self) -> None:
+        try:
+            await self._run()
+        except OSError as e:
+            raise TransferError(f"cannot store sha256:{self.hex}: {e.strerror or e}") from None
+        finally:
+            self.fetcher._inflight.pop(self.hex, None)
+
+    async def _run(self) -> None:
+        store = self.fetcher.store
+        usable = self.fetcher.health.usable(self.sources)
+        if not usable:
+            raise TransferError(f"no usable source for sha256:{self.hex}")
+        done = await asyncio.to_thread(_load_record, store, self.hex, self.size, self._chunk)
+        by = dict.fromkeys(done, "disk")
+        ok = await self._attempt(usable, by)
+        suspects_tried: set[str] = set()
+        while not ok:
+            counts: dict[str, int] = {}
+            for sid in self._by.values():
+                counts[sid] = counts.get(sid, 0) + 1
+            candidates = sorted((c for c in counts if c not in suspects_tried), key=lambda c: counts[c])
+            if not candidates:
+                break
+            suspect = candidates[0]
+            suspects_tried.add(suspect)
+            others = [s for s in self.fetcher.health.usable(self.sources) if s.id != suspect]
+            if not others:
+                continue
+            keep = {i: sid for i, sid in self._by.items() if sid != suspect}
+            log.info("sha256:%s did not verify; refetching the %d chunks of %s from %s", self.hex[:12],
+                     counts[suspect], suspect, ", ".join(s.id for s in others))
+            ok = await self._attempt(others, keep)
+            if ok and suspect != "disk":
+                self.fetcher.health.mark_bad(suspect, f"served bytes that do not hash to sha256:{self.hex}")
+        if not ok:
+            contributors = set(self._by.values()) - {"disk"}
+            if len(contributors) == 1:  # one source served every byte: it is the one that lied
+                self.fetcher.health.mark_bad(contributors.pop(), f"served bytes that do not hash to sha256:{self.hex}")
+            await asyncio.to_thread(remove_partial, store, self.hex)
+            self.fetcher._hash_state.pop(self.hex, None)
+            raise TransferError(f"digest mismatch, file must be downloaded again: want sha256:{self.hex}, "
+                                f"got sha256:{self._got}")
+
+    async def _attempt(self, sources: list[Source], keep: dict[int, str]) -> bool:
+        """Fetch every chunk not in `keep`, hash the whole blob in order; True when it verified and landed."""
+        store = self.fetcher.store
+        path = partial_path(store, self.hex)
+        self._todo = sorted(set(range(self._n)) - set(keep))
+        self._by = dict(keep)
+        self._on_disk = set(keep)
+        self._mem = {}
+        self._written = len(keep)
+        self._error = None
+        self.completed = sum(self._len(i) for i in keep)
+        cached = self.fetcher._hash_state.pop(self.hex, None)
+        if cached is not None and all(i in keep for i in range(cached[1])):
+            self._hasher, self._hashed = cached
+        else:
+            self._hasher, self._hashed = hashlib.sha256(), 0
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            if os.fstat(self._fd).st_size != self.size:
+                os.ftruncate(self._fd, self.size)
+            await asyncio.to_thread(self._write_record)
+            streams = max(1, min(MAX_STREAMS, self.fetcher.streams * len(sources)))
+            per = max(1, streams // len(sources))
+            workers = [asyncio.create_task(self._worker(s)) for s in sources for _ in range(per)]
+            self._live = len(workers)
+            hasher = asyncio.create_task(self._hash_loop())
+            try:
+                await hasher
+            finally:
+                for w in workers:
+                    w.cancel()
+                await asyncio.gather(*workers, return_exceptions=True)
+            if self._error is not None:
+                if self._hashed > 0:  # keep the running hash: an in-process retry resumes without re-reading
+                    self.fetcher._hash_state[self.hex] = (self._hasher.copy(), self._hashed)
+                await asyncio.to_thread(self._write_record)
+                raise TransferError(self._error)
+            got = self._hasher.hexdigest()
+            if got != self.hex:
+                self._got = got
+                return False
+            await asyncio.to_thread(self._install)
+            return True
+        finally:
+            os.close(self._fd)
+            self._fd = -1
+
+    _got = ""
+
+    def _len(self, i: int) -> int:
+        return min(self.size, (i + 1) * self._chunk) - i * self._chunk
+
+    def _install(self) -> None:
+        os.fsync(self._fd)
+        os.fchmod(self._fd, 0o644)
+        store = self.fetcher.store
+        path = partial_path(store, self.hex)
+        # verified above; every waiter's pin set holds it, so GC leaves it alone until their manifests exist
+        sets = self.pin_sets or [set()]
+        existed = store._install_blob(path, self.hex, sets[0])
+        for pins in sets[1:]:
+            store._pin(self.hex, pins)
+        if existed:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        with contextlib.suppress(FileNotFoundError):
+            _record_path(store, self.hex).unlink()
+
+    def _write_record(self) -> None:
+        self._last_record = time.monotonic()
+        done = sorted(self._on_disk | set(self._mem))
+        data = json.dumps({"size": self.size, "chunk": self._chunk, "done": done}).encode()
+        _atomic_write(_record_path(self.fetcher.store, self.hex), data)
+
+    # ---- workers -----------------------------------------------------------------------------------
+    async def _worker(self, src: Source) -> None:
+        failures = 0
+        try:
+            while True:
+                async with self._cond:
+                    while True:
+                        if self._error is not None or self._written >= self._n:
+                            return
+                        window = self._hashed + self.fetcher.window
+                        if self._todo and self._todo[0] < window:
+                            i = self._todo.pop(0)
+                            break
+                        await self._cond.wait()
+                try:
+                    buf = await self._fetch_chunk(src, i)
+                except (SourceError, aiohttp.ClientError, TimeoutError, OSError) as e:
+                    failures += 1
+                    async with self._cond:
+                        bisect.insort(self._todo, i)
+                        self._cond.notify_all()
+                    permanent = isinstance(e, SourceError) and e.permanent
+                    log.info("chunk %d of sha256:%s from %s failed (%s)%s", i, self.hex[:12], src.id,
+                             e or type(e).__name__, "" if failures < 3 and not permanent else "; dropping source")
+                    if permanent or failures >= 3:
+                        return
+                    await asyncio.sleep(0.2 * failures)
+                    continue
+                failures = 0
+                try:
+                    await asyncio.to_thread(os.pwrite, self._fd, buf, i * self._chunk)
+                except OSError as e:  # our disk, not the source: no point trying elsewhere
+                    async with self._cond:
+                        self._error = f"cannot write sha256:{self.hex}: {e.strerror or e}"
+                        self._cond.notify_all()
+                    return
+                async with self._cond:
+                    self._mem[i] = buf
+                    self._by[i] = src.id
+                    self._written += 1
+                    self._cond.notify_all()
+        finally:
+            async with self._cond:
+                self._live -= 1
+                if self._live == 0 and self._written < self._n and self._error is None:
+                    self._error = f"no source could serve sha256:{self.hex} (tried {self._source_list()})"
+                self._cond.notify_all()
+
+    def _source_list(self) -> str:
+        return ", ".join(s.id for s in self.sources)
+
+    async def _fetch_chunk(self, src: Source, i: int) -> bytearray:
+        start = i * self._chunk
+        n = self._len(i)
+        headers = dict(src.headers)
+        whole = start == 0 and n == self.size
+        if not whole:
+            headers["Range"] = f"bytes={start}-{start + n - 1}"
+        limiter = self.fetcher.limiter
+        got = 0
+        try:
+            async with self.fetcher.session().get(src.url(self.hex), headers=headers) as r:
+                if r.status in (401, 403, 404, 410, 416):
+                    raise SourceError(f"HTTP {r.status}", permanent=True)
+                if r.status == 200 and not whole:
+                    raise SourceError("no Range support", permanent=True)
+                if r.status not in (200, 206):
+                    raise SourceError(f"HTTP {r.status}")
+                buf = bytearray(n)
+                view = memoryview(buf)
+                while True:
+                    piece = await r.content.readany()
+                    if not piece:
+                        break
+                    k = len(piece)
+                    if got + k > n:
+                        raise SourceError("more bytes than asked for")
+                    view[got:got + k] = piece
+                    got += k
+                    self.completed += k
+                    if limiter is not None:
+                        await limiter.take(k)
+                if got != n:
+                    raise SourceError(f"short read ({got} of {n} bytes)")
+                return buf
+        except BaseException:
+            self.completed -= got
+            raise
+
+    # ---- the single hashing pass -------------------------------------------------------------------
+    def _hash(self, buf: bytes | bytearray) -> None:
+        t0 = time.thread_time()
+        self._hasher.update(buf)
+        self.fetcher.hash_cpu_s += time.thread_time() - t0
+        self.fetcher.hashed_bytes += len(buf)
+
+    async def _hash_loop(self) -> None:
+        while self._hashed < self._n:
+            async with self._cond:
+                while True:
+                    if self._error is not None:
+                        return
+                    i = self._hashed
+                    if i in self._mem or i in self._on_disk:
+                        buf = self._mem.pop(i, None)
+                        break
+                    await self._cond.wait()
+            if buf is None:  # resumed from an earlier process (or kept across an attempt): read it once
+                buf = await asyncio.to_thread(os.pread, self._fd, self._len(i), i * self._chunk)
+            await asyncio.to_thread(self._hash, buf)
+            async with self._cond:
+                self._hashed += 1
+                self._on_disk.add(i)
+                self._cond.notify_all()
+            if time.monotonic() - self._last_record > _RECORD_EVERY_S:
+                await asyncio.to_thread(self._write_record)
+
+
+# --------------------------------------------------------------------------------------------------------
+# The node-wide fetcher
+
+
+class Fetcher:
+    """One per node: the HTTP session, the bandwidth limit, source health, and the transfers in flight."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        chunk_size: int = CHUNK,
+        streams: int = STREAMS_PER_SOURCE,
+        window: int = 0,
+        rate_limit: float = 0,
+        health: SourceHealth | None = None,
+        timeout: float = 30.0,
+    ) -> None:
+        self.store = store
+        self.chunk_size = chunk_size
+        self.streams = streams
+        self.window = window or MAX_STREAMS + 4  # chunks held in memory ahead of the hash, at most
+        self.limiter = RateLimiter(rate_limit) if rate_limit > 0 else None
+        self.health = health or SourceHealth()
+        self.timeout = timeout
+        self.hash_cpu_s = 0.0  # CPU seconds spent hashing, and bytes hashed (== bytes fetched: one pass)
+        self.hashed_bytes = 0
+        self._session: aiohttp.ClientSession | None = None
+        self._inflight: dict[str, BlobTransfer] = {}
+        self._hash_state: dict[str, tuple[Any, int]] = {}
+
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=self.timeout),
+                connector=aiohttp.TCPConnector(limit=64, limit_per_host=MAX_STREAMS + 2),
+                auto_decompress=False,
+                read_bufsize=4 << 20,  # the 64 KiB default pauses the socket every few pieces
+            )
+        return self._session
+
+    async def close(self) -> None:
+        for t in list(self._inflight.values()):
+            if t.task is not None:
+                t.task.cancel()
+        if self._session is not None:
+            await self._session.close()
+
+    def in_flight(self, hexd: str) -> BlobTransfer | None:
+        return self._inflight.get(_hex(hexd))
+
+    def start(self, digest: str, size: int, sources: Sequence[Source]) -> BlobTransfer:
+        """The transfer of this blob: the one already running (sharing it), or a new one."""
+        hexd = _hex(digest)
+        t = self._inflight.get(hexd)
+        if t is not None:
+            known = {s.id for s in t.sources}
+            t.sources.extend(s for s in sources if s.id not in known)  # later attempts may use them
+            return t
+        t = BlobTransfer(self, hexd, size, sources)
+        self._inflight[hexd] = t
+        t.task = asyncio.create_task(t.run(), name=f"fetch-{hexd[:12]}")
+        t.task.add_done_callback(lambda task: task.cancelled() or task.exception())  # no "never retrieved"
+        return t
+
+    async def fetch(self, digest: str, size: int, sources: Sequence[Source], pins: set[str]) -> None:
+        """Fetch one blob unless the store has it, sharing a transfer already running; raises TransferError.
+
+        The blob is added to `pins` (see Store pins) so garbage collection spares it until the caller's
+        manifest refers to it; release with `store._unpin_all(pins)`.
+        """
+        hexd = _hex(digest)
+        with contextlib.suppress(BlobNotFound):
+            self.store._pin_existing(hexd, pins)
+            return
+        t = self.start(hexd, size, sources)
+        t.pin_sets.append(pins)
+        try:
+            await t.wait()
+        except asyncio.CancelledError:
+            with contextlib.suppress(ValueError):
+                t.pin_sets.remove(pins)  # gone before the blob landed: nothing to pin for us
+            raise
+
+
+# --------------------------------------------------------------------------------------------------------
+# Disk budget and eviction
+
+
+class UseRecord:
+    """When each model was last used (pulled, loaded), for LRU eviction; kept in `<store>/omx-lru.json`."""
+
+    def __init__(self, store: Store) -> None:
+        self.path = store.root / "omx-lru.json"
+        self._data: dict[str, float] | None = None
+
+    def _load(self) -> dict[str, float]:
+        if self._data is None:
+            try:
+                raw = json.loads(self.path.read_bytes())
+                self._data = {str(k): float(v) for k, v in raw.items()} if isinstance(raw, dict) else {}
+            except (OSError, ValueError, TypeError):
+                self._data = {}
+        return self._data
+
+    def touch(self, name: ModelName | str) -> None:
+        key = str(name if isinstance(name, ModelName) else ModelName.parse(name))
+        data = self._load()
+        data[key] = time.time()
+        with contextlib.suppress(OSError):
+            _atomic_write(self.path, json.dumps(data).encode())
+
+    def last_used(self, name: ModelName, fallback: float) -> float:
+        return self._load().get(str(name), fallback)
+
+
+def _fmt(n: int) -> str:
+    for unit, scale in (("GB", 1000**3), ("MB", 1000**2), ("KB", 1000)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+def store_bytes(store: Store) -> int:
+    """Bytes the store holds on disk: blobs plus partial downloads."""
+    total = 0
+    with contextlib.suppress(OSError), os.scandir(store.blobs_dir) as it:
+        for e in it:
+            if e.name.startswith("sha256-") or e.name.startswith(PARTIAL_PREFIX):
+                with contextlib.suppress(OSError):
+                    total += e.stat(follow_symlinks=False).st_size
+    return total
+
+
+def make_room(
+    store: Store,
+    need: int,
+    *,
+    budget: int,
+    protected: set[ModelName],
+    uses: UseRecord,
+    keep_partials: Iterable[str] = (),
+    reserve: int = 64 << 20,
+) -> list[str]:
+    """Ensure `need` more bytes fit the budget and the disk, evicting least recently used models that are
+    neither protected (placed or loaded); partial files other than `keep_partials` (hex digests: the pull's own,
+    about to be resumed, and those in flight) go first. Returns the evicted names; raises BudgetExceeded."""
+    evicted: list[str] = []
+    keep = set(keep_partials)
+
+    def over() -> int:
+        short = 0
+        if budget > 0:
+            short = store_bytes(store) + need - budget
+        free = shutil.disk_usage(store.blobs_dir).free
+        return max(short, need + reserve - free)
+
+    if over() <= 0:
+        return evicted
+    # stale partial downloads go first: nobody is waiting for them
+    with contextlib.suppress(OSError), os.scandir(store.blobs_dir) as it:
+        stale = [e.name for e in it if e.name.startswith(PARTIAL_PREFIX) and not e.name.endswith(".json")]
+    for name in stale:
+        hexd = name[len(PARTIAL_PREFIX):]
+        if hexd not in keep:
+            remove_partial(store, hexd)
+    models = store.list_models()
+    refs: Counter[str] = Counter(h for e in models for h in e.manifest.digests())
+    entries = [e for e in models if e.name not in protected]
+    entries.sort(key=lambda e: uses.last_used(e.name, e.modified_at.timestamp()))
+    # evict nothing when evicting everything allowed would still not be enough
+    sizes = {layer.hex: layer.size for e in models for layer in (*e.manifest.layers, e.manifest.config)}
+    left = Counter(refs)
+    for e in entries:
+        left.subtract(e.manifest.digests())
+    freeable = sum(size for h, size in sizes.items() if left[h] <= 0 and store.has_blob(h))
+    if over() > freeable:
+        entries = []
+    for e in entries:
+        if over() <= 0:
+            break
+        mine = e.manifest.digests()
+        if all(refs[h] > 1 for h in mine):
+            continue  # every blob is shared with a model we keep: deleting it frees nothing
+        refs.subtract(mine)
+        try:
+            store.delete(e.name)
+        except ModelNotFound:
+            continue
+        log.info("evicted %s (least recently used) to make room", e.display)
+        evicted.append(e.display)
+    short = over()
+    if short > 0:
+        free = shutil.disk_usage(store.blobs_dir).free
+        what = (f"disk budget {_fmt(budget)} (in use: {_fmt(store_bytes(store))})" if budget > 0
+                and store_bytes(store) + need > budget else f"free disk space {_fmt(free)}")
+        raise BudgetExceeded(
+            f"not enough space to pull: {_fmt(need)} needed, exceeds the {what}; "
+            f"{len(protected)} loaded or placed model(s) cannot be evicted"
+        )
+    return evicted
+
+
+def missing_bytes(store: Store, sizes: Mapping[str, int]) -> int:
+    """Bytes still to download for these blobs (hex → size), counting what partial files already hold."""
+    need = 0
+    for hexd, size in sizes.items():
+        if store.has_blob(hexd):
+            continue
+        try:  # a partial file is allocated at full size, and store_bytes already counts it
+            need += max(0, size - partial_path(store, hexd).stat().st_size)
+        except OSError:
+            need += size
+    return need
+
+
+# --------------------------------------------------------------------------------------------------------
+# A whole model
+
+
+PROGRESS_EVERY = 0.06  # Ollama's pull progress tick
+
+
+@dataclass
+class PullPlan:
+    """What to pull: the manifest bytes exactly as the origin stores them, and where its blobs are."""
+
+    name: ModelName
+    manifest_bytes: bytes
+    sources: list[Source]
+    manifest: Manifest = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.manifest = Manifest.from_bytes(self.manifest_bytes)
+
+    def blobs(self) -> list[Layer]:
+        return blob_order(self.manifest)
+
+    def sizes(self) -> dict[str, int]:
+        return {layer.hex: layer.size for layer in self.blobs()}
+
+
+def blob_order(m: Manifest) -> list[Layer]:
+    """Layers in manifest order, then the config blob (Ollama's progress order), each digest once."""
+    seen: set[str] = set()
+    out: list[Layer] = []
+    for layer in (*m.layers, m.config):
+        if layer.digest not in seen:
+            seen.add(layer.digest)
+            out.append(layer)
+    return out
+
+
+def progress_line(status: str, digest: str, total: int, completed: int) -> dict[str, Any]:
+    """Ollama's api.ProgressResponse: digest/total/completed are omitempty."""
+    line: dict[str, Any] = {"status": status, "digest": digest, "total": total}
+    if completed:
+        line["completed"] = completed
+    return line
+
+
+async def pull_model(
+    store: Store, fetcher: Fetcher, plan: PullPlan, uses: UseRecord | None = None,
+) -> AsyncIterator[dict[str, Any]]:
+    """Everything after `pulling manifest`: blob progress, `verifying sha256 digest`, `writing manifest`,
+    `success`. Blobs download concurrently; raises TransferError (after some lines were yielded)."""
+    pins: set[str] = set()
+    blobs = plan.blobs()
+    tasks = {layer.hex: asyncio.create_task(fetcher.fetch(layer.digest, layer.size, plan.sources, pins))
+             for layer in blobs}
+    try:
+        sent: dict[str, int] = {}
+        while True:
+            for layer in blobs:
+                t = tasks[layer.hex]
+                if t.done() and not t.cancelled() and t.exception() is not None:
+                    raise t.exception()  # type: ignore[misc]
+                tr = fetcher.in_flight(layer.hex)
+                completed = layer.size if t.done() else (tr.completed if tr is not None else 0)
+                if sent.get(layer.hex) != completed:
+                    sent[layer.hex] = completed
+                    yield progress_line(f"pulling {layer.hex[:12]}", layer.digest, layer.size, completed)
+            pending = [t for t in tasks.values() if not t.done()]
+            if not pending:
+                break
+            await asyncio.wait(pending, timeout=PROGRESS_EVERY, return_when=asyncio.FIRST_COMPLETED)
+        yield {"status": "verifying sha256 digest"}  # done already, chunk by chunk as the bytes arrived
+        yield {"status": "writing manifest"}
+        await asyncio.to_thread(store.write_manifest, plan.name, plan.manifest_bytes)
+        if uses is not None:
+            await asyncio.to_thread(uses.touch, plan.name)
+        yield {"status": "success"}
+    finally:
+        for t in tasks.values():
+            t.cancel()  # our wait only: a shared transfer runs on for its other waiters
+        await asyncio.gather(*tasks.values(), return_exceptions=True)
+        store._unpin_all(pins)

@@ -1,0 +1,325 @@
+"""Model distribution routes: peers serve manifests and blobs to each other; /api/pull and /api/push.
+
+`/api/pull` replicates a model from the peers that hold it (chosen from their gossiped `have` lists, or by
+asking every alive member when a member does not advertise one) and falls back to an upstream registry.
+The peer routes need the cluster's internal token unless `allow_anonymous_blobs` is set, so a node's public
+port never hands out model data to strangers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+from collections import Counter
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from omx.models import oci
+from omx.models.manifest import MEDIA_TYPE_MANIFEST, InvalidManifest
+from omx.models.names import InvalidModelName, ModelName, parse_digest
+from omx.models.store import BlobNotFound, ModelNotFound, Store
+from omx.models.transfer import (
+    BudgetExceeded,
+    Fetcher,
+    PullPlan,
+    Source,
+    TransferError,
+    UseRecord,
+    make_room,
+    missing_bytes,
+    pull_model,
+)
+from omx.node.app import CONFIG, RUNNERS, STORE, json_response, respond_progress
+from omx.node.cluster import Cluster
+from omx.node.cluster_routes import CLUSTER
+from omx.node.config import NodeConfig
+from omx.protocols.api import ApiError, ModelRef
+
+log = logging.getLogger("omx.distribution")
+
+PEER_TIMEOUT = 5.0  # seconds for a peer to answer a manifest request
+MIN_SEEDERS = 3  # fewer advertised holders than this: ask every alive member (up to MAX_ASKED)
+MAX_ASKED = 32
+
+
+class Distribution:
+    """The node's fetcher (shared transfers, bandwidth limit, bad-source memory) and LRU use record."""
+
+    def __init__(self, cfg: NodeConfig, store: Store) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.fetcher = Fetcher(store, rate_limit=cfg.bandwidth_limit)
+        self.uses = UseRecord(store)
+
+    async def close(self) -> None:
+        await self.fetcher.close()
+
+
+DIST = web.AppKey("distribution", Distribution)
+
+
+# ---- peer routes -----------------------------------------------------------------------------------
+
+def _check_peer(request: web.Request) -> None:
+    if request.app[CONFIG].allow_anonymous_blobs:
+        return
+    cluster = request.app.get(CLUSTER)
+    if cluster is None:
+        raise ApiError(403, "model data is only served to cluster members")
+    cluster.check_internal_auth(request.headers.get("Authorization"))
+
+
+def _name(raw: str | None) -> ModelName:
+    if not raw:
+        raise ApiError(400, "model is required")
+    try:
+        return ModelName.parse(raw)
+    except InvalidModelName:
+        raise ApiError(400, "invalid model name") from None
+
+
+async def peer_manifest(request: web.Request) -> web.Response:
+    """`GET /api/v1/internal/manifests?model=NAME`: the manifest bytes exactly as stored."""
+    _check_peer(request)
+    name = _name(request.query.get("model"))
+    try:
+        data = await asyncio.to_thread(request.app[STORE].manifest_bytes, name)
+    except ModelNotFound:
+        raise ApiError(404, f"model '{name.display_shortest()}' not found") from None
+    return web.Response(body=data, content_type=MEDIA_TYPE_MANIFEST,
+                        headers={"Docker-Content-Digest": "sha256:" + hashlib.sha256(data).hexdigest()})
+
+
+async def peer_blob(request: web.Request) -> web.StreamResponse:
+    """`GET|HEAD /api/v1/internal/blobs/sha256:<hex>`, with Range (FileResponse sends from the page cache)."""
+    _check_peer(request)
+    try:
+        hexd = parse_digest(request.match_info["digest"])
+    except ValueError:
+        raise ApiError(400, "invalid digest format") from None
+    store = request.app[STORE]
+    if not store.has_blob(hexd):
+        raise ApiError(404, f'blob "sha256:{hexd}" not found')
+    return web.FileResponse(store.blob_path(hexd), chunk_size=1 << 20,
+                            headers={"Content-Type": "application/octet-stream"})
+
+
+async def put_manifest(request: web.Request) -> web.Response:
+    """`PUT /api/v1/manifests?model=NAME`: install manifest bytes verbatim once every blob is uploaded
+    (`omx model import` keeps digests unchanged this way)."""
+    name = _name(request.query.get("model"))
+    data = await request.read()
+    store = request.app[STORE]
+    try:
+        digest = await asyncio.to_thread(store.write_manifest, name, data)
+    except InvalidManifest as e:
+        raise ApiError(400, str(e)) from None
+    except BlobNotFound as e:
+        raise ApiError(400, f"manifest refers to a missing blob {e.digest}: upload it to /api/blobs first") from None
+    _store_changed(request.app)
+    return json_response({"model": name.display_shortest(), "digest": digest})
+
+
+# ---- pull ------------------------------------------------------------------------------------------
+
+def _store_changed(app: web.Application) -> None:
+    cluster = app.get(CLUSTER)
+    notify = getattr(cluster, "store_changed", None)
+    if notify is not None:
+        notify()
+
+
+def _auth_headers(cluster: Cluster) -> dict[str, str]:
+    return {"Authorization": f"Bearer {cluster.http_token}"}
+
+
+async def peer_plan(app: web.Application, name: ModelName) -> PullPlan | None:
+    """The model as the cluster holds it: the manifest most holders agree on, and those holders as sources."""
+    cluster = app.get(CLUSTER)
+    if cluster is None or cluster.swim is None:
+        return None
+    short = name.display_shortest()
+    alive: list[tuple[str, str]] = []
+    candidates: list[tuple[str, str]] = []
+    for m in cluster.swim.members():
+        meta = m.meta or {}
+        if m.id == cluster.id or m.state != "alive" or not meta.get("api"):
+            continue
+        alive.append((m.id, str(meta["api"]).rstrip("/")))
+        have = meta.get("have")
+        if have is None or short in have:
+            candidates.append(alive[-1])
+    # `have` lags a store change by up to a refresh period: with few advertised holders, ask everyone
+    if len(candidates) < MIN_SEEDERS:
+        candidates = alive[:MAX_ASKED]
+    if not candidates:
+        return None
+    headers = _auth_headers(cluster)
+    session = app[DIST].fetcher.session()
+
+    async def ask(api: str) -> bytes | None:
+        try:
+            async with session.get(f"{api}/api/v1/internal/manifests", params={"model": str(name)},
+                                   headers=headers, timeout=aiohttp.ClientTimeout(total=PEER_TIMEOUT)) as r:
+                return await r.read() if r.status == 200 else None
+        except (aiohttp.ClientError, TimeoutError, OSError):
+            return None
+
+    answers = await asyncio.gather(*(ask(api) for _, api in candidates))
+    by_digest: dict[str, bytes] = {}
+    votes: Counter[str] = Counter()
+    holders: dict[str, list[Source]] = {}
+    for (mid, api), data in zip(candidates, answers, strict=True):
+        if data is None:
+            continue
+        d = hashlib.sha256(data).hexdigest()
+        by_digest[d] = data
+        votes[d] += 1
+        holders.setdefault(d, []).append(Source(id=mid, blob_prefix=f"{api}/api/v1/internal/blobs/",
+                                                headers=headers))
+    if not votes:
+        return None
+    best = votes.most_common(1)[0][0]
+    try:
+        return PullPlan(name, by_digest[best], holders[best])
+    except InvalidManifest as e:
+        log.warning("peers sent an invalid manifest for %s: %s", short, e)
+        return None
+
+
+async def protected_models(app: web.Application) -> set[ModelName]:
+    """Models eviction must keep: loaded here, or placed on this node by the scheduler."""
+    names: set[ModelName] = set()
+    for r in app[RUNNERS].runners.values():
+        n = ModelName.try_parse(r.spec.name)
+        if n is not None:
+            names.add(n)
+    cluster = app.get(CLUSTER)
+    if cluster is not None and cluster.swim is not None:
+        with contextlib.suppress(Exception):
+            reg = await asyncio.wait_for(cluster.registry_read(), 5.0)
+            for model, nodes in ((reg.get("state") or {}).get("placements") or {}).items():
+                n = ModelName.try_parse(model)
+                if n is not None and cluster.id in (nodes or []):
+                    names.add(n)
+    return names
+
+
+async def plan_pull(app: web.Application, name: ModelName, insecure: bool) -> PullPlan:
+    """Peers first, then the registries; raises ApiError (the response has not started yet)."""
+    plan = await peer_plan(app, name)
+    if plan is not None:
+        return plan
+    cfg = app[CONFIG]
+    try:
+        client, data = await oci.resolve(app[DIST].fetcher.session(), name, cfg.registries, insecure)
+    except oci.RegistryError as e:
+        raise ApiError(e.status if 400 <= e.status < 600 else 502, str(e)) from None
+    except InvalidManifest as e:
+        raise ApiError(502, f"pull model manifest: {e}") from None
+    return PullPlan(name, data, [client.source()])
+
+
+async def reserve_space(app: web.Application, plan: PullPlan) -> None:
+    """Budget and free-disk check before any byte is written (evicting LRU models if allowed)."""
+    store, dist, cfg = app[STORE], app[DIST], app[CONFIG]
+    need = await asyncio.to_thread(missing_bytes, store, plan.sizes())
+    if need == 0:
+        return
+    protected = await protected_models(app) | {plan.name}
+    keep = set(plan.sizes()) | set(dist.fetcher._inflight)
+    try:
+        evicted = await asyncio.to_thread(make_room, store, need, budget=cfg.disk_budget, protected=protected,
+                                          uses=dist.uses, keep_partials=keep)
+    except BudgetExceeded as e:
+        raise ApiError(507, str(e)) from None
+    if evicted:
+        _store_changed(app)
+
+
+async def pull(app: web.Application, name: ModelName, insecure: bool = False) -> AsyncIterator[dict[str, Any]]:
+    """Ollama's pull progress for one model; errors before the first line raise ApiError, later ones are lines."""
+    plan = await plan_pull(app, name, insecure)
+    await reserve_space(app, plan)
+    yield {"status": "pulling manifest"}
+    try:
+        async for line in pull_model(app[STORE], app[DIST].fetcher, plan, app[DIST].uses):
+            if line.get("status") == "success":
+                _store_changed(app)
+            yield line
+    except TransferError as e:
+        yield {"error": str(e)}
+
+
+async def replicate(app: web.Application, name: ModelName | str) -> None:
+    """Fetch a model from the peers that hold it, without progress (for placements); raises ApiError."""
+    n = name if isinstance(name, ModelName) else _name(name)
+    plan = await peer_plan(app, n)
+    if plan is None:
+        raise ApiError(404, f"no peer holds model '{n.display_shortest()}'")
+    await reserve_space(app, plan)
+    try:
+        async for _ in pull_model(app[STORE], app[DIST].fetcher, plan, app[DIST].uses):
+            pass
+    except TransferError as e:
+        raise ApiError(502, str(e)) from None
+    _store_changed(app)
+
+
+def touch_model(app: web.Application, name: ModelName | str) -> None:
+    """Record a use (for LRU eviction); the inference path calls this when it loads a model."""
+    with contextlib.suppress(Exception):
+        app[DIST].uses.touch(name)
+
+
+async def api_pull(request: web.Request) -> web.StreamResponse:
+    req = ModelRef.parse(await request.read())
+    name = _name(req.ref)
+    return await respond_progress(request, pull(request.app, name, req.insecure), req.stream is not False)
+
+
+# ---- push ------------------------------------------------------------------------------------------
+
+async def push(app: web.Application, name: ModelName, insecure: bool) -> AsyncIterator[dict[str, Any]]:
+    store = app[STORE]
+    if not await asyncio.to_thread(store.exists, name):
+        raise ApiError(404, f"model '{name.display_shortest()}' not found")
+    try:
+        base = oci.registry_bases(name, app[CONFIG].registries, insecure)[0]
+    except oci.RegistryError as e:
+        raise ApiError(e.status or 400, str(e)) from None
+    client = oci.RegistryClient(app[DIST].fetcher.session(), base, name)
+    try:
+        async for line in client.push(store):
+            yield line
+    except (TransferError, ModelNotFound, BlobNotFound) as e:
+        yield {"error": str(e)}
+
+
+async def api_push(request: web.Request) -> web.StreamResponse:
+    req = ModelRef.parse(await request.read())
+    name = _name(req.ref)
+    return await respond_progress(request, push(request.app, name, req.insecure), req.stream is not False)
+
+
+# ---- wiring ----------------------------------------------------------------------------------------
+
+async def _dist_ctx(app: web.Application) -> AsyncIterator[None]:
+    yield
+    await app[DIST].close()
+
+
+def add_distribution_routes(app: web.Application) -> None:
+    app[DIST] = Distribution(app[CONFIG], app[STORE])
+    r = app.router
+    r.add_post("/api/pull", api_pull)
+    r.add_post("/api/push", api_push)
+    r.add_get("/api/v1/internal/manifests", peer_manifest)
+    r.add_get("/api/v1/internal/blobs/{digest}", peer_blob)  # add_get answers HEAD too
+    r.add_put("/api/v1/manifests", put_manifest)
+    app.cleanup_ctx.append(_dist_ctx)

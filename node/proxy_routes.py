@@ -1,0 +1,190 @@
+"""Routing-layer management over HTTP: proxy status, instances, metrics, external instances, model replicas,
+Raft leadership. The `omx proxy` / `omx model` CLI and the console are clients of these routes."""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import urlsplit
+
+from aiohttp import web
+
+from omx.node.app import cluster_tags, json_response
+from omx.node.router import ROUTER, Router, Target, UpstreamError, model_key
+from omx.protocols.api import ApiError, load_json
+
+MAX_EXTERNALS = 64
+
+
+def _router(request: web.Request) -> Router:
+    r = request.app[ROUTER]
+    if r.cluster.swim is None:
+        raise ApiError(503, "this node is not part of a cluster yet")
+    return r
+
+
+async def proxy_status(request: web.Request) -> web.Response:
+    r = _router(request)
+    inst = r.instances()
+    healthy = sum(1 for i in inst if i["status"] == "healthy")
+    return json_response({
+        "node": r.cluster.id, "region": r.cfg.region, "policy": r.cfg.routing_policy,
+        "instances": {"total": len(inst), "healthy": healthy, "unhealthy": len(inst) - healthy},
+        "requests": {"total": r.requests_total, "inflight": r.inflight, "retries": r.retries_total,
+                     "resumes": r.resumes_total},
+    })
+
+
+async def proxy_instances(request: web.Request) -> web.Response:
+    return json_response({"instances": _router(request).instances()})
+
+
+async def proxy_metrics(request: web.Request) -> web.Response:
+    return json_response(_router(request).metrics())
+
+
+def _url_arg(body: Any) -> str:
+    url = body.get("url") if isinstance(body, dict) else None
+    if not isinstance(url, str) or not url.strip():
+        raise ApiError(400, "expected {\"url\": \"http://HOST:PORT\"}")
+    url = url.strip().rstrip("/")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.path or parts.query:
+        raise ApiError(400, f"{url!r} is not an instance base URL like http://HOST:11434")
+    try:
+        _ = parts.port
+    except ValueError:
+        raise ApiError(400, f"{url!r} has an invalid port") from None
+    return url
+
+
+async def add_instance(request: web.Request) -> web.Response:
+    """Register an existing Ollama server; the list lives in the registry so every node routes to it."""
+    r = _router(request)
+    url = _url_arg(load_json(await request.read()))
+    urls = r.external_urls()
+    if url in urls:
+        return json_response({"url": url, "added": False, "instances": urls})
+    if len(urls) >= MAX_EXTERNALS:
+        raise ApiError(400, f"at most {MAX_EXTERNALS} external instances")
+    if any(url == m.get("url") for m in r.instances() if m["kind"] == "node"):
+        raise ApiError(400, f"{url} is a member of this cluster already")
+    urls = [*urls, url]
+    await r.cluster.registry_write("set_setting", "external_instances", urls)
+    r.cluster.reg.setdefault("settings", {})["external_instances"] = urls
+    await r._check_external(url)
+    ext = r.externals.get(url)
+    return json_response({"url": url, "added": True, "healthy": bool(ext and ext.healthy),
+                          "models": ext.models if ext else [], "error": ext.last_error if ext else None})
+
+
+async def remove_instance(request: web.Request) -> web.Response:
+    r = _router(request)
+    raw = await request.read()
+    body = load_json(raw) if raw.strip() else {"url": request.query.get("url")}
+    url = _url_arg(body)
+    urls = r.external_urls()
+    if url not in urls:
+        raise ApiError(404, f"no external instance {url}")
+    urls = [u for u in urls if u != url]
+    await r.cluster.registry_write("set_setting", "external_instances", urls or None)
+    r.cluster.reg.setdefault("settings", {})["external_instances"] = urls
+    r.externals.pop(url, None)
+    return json_response({"url": url, "removed": True})
+
+
+async def list_models(request: web.Request) -> web.Response:
+    """The cluster's models with desired replicas (registry) and where each is loaded now (gossip)."""
+    r = _router(request)
+    catalog = r.cluster.reg.get("models", {})
+    placements = r.cluster.reg.get("placements", {})
+    loaded_on: dict[str, list[str]] = {}
+    for m in r.cluster.swim.members() if r.cluster.swim else []:
+        if m.state == "alive":
+            for name in (m.meta or {}).get("models") or []:
+                loaded_on.setdefault(model_key(name), []).append(m.id)
+    out = []
+    for tag in await cluster_tags(request):
+        key = model_key(tag["name"])
+        rec = catalog.get(key, {})
+        out.append({"name": tag["name"], "digest": tag.get("digest"), "size": tag.get("size"),
+                    "replicas": int(rec.get("desired_replicas", 0)), "actual": len(loaded_on.get(key, [])),
+                    "nodes": sorted(loaded_on.get(key, [])), "placed": placements.get(key, [])})
+    return json_response({"models": out})
+
+
+async def scale_model(request: web.Request) -> web.Response:
+    """Desired replicas for a model; the region leader's scheduler places them (0 = load on demand)."""
+    r = _router(request)
+    body = load_json(await request.read())
+    name = body.get("model") if isinstance(body, dict) else None
+    replicas = body.get("replicas") if isinstance(body, dict) else None
+    if not isinstance(name, str) or not name:
+        raise ApiError(400, "expected {\"model\": NAME, \"replicas\": N}")
+    if isinstance(replicas, bool) or not isinstance(replicas, int) or not 0 <= replicas <= 64:
+        raise ApiError(400, "'replicas' must be an integer from 0 to 64")
+    key = model_key(name)
+    tag = next((t for t in await cluster_tags(request) if model_key(t["name"]) == key), None)
+    if tag is None:
+        raise ApiError(404, f"model '{name}' not found")
+    digest = str(tag.get("digest", ""))
+    info = {"digest": digest if digest.startswith("sha256:") else f"sha256:{digest}",
+            "size": int(tag.get("size") or 0), "desired_replicas": replicas}
+    res = await r.cluster.registry_write("put_model", key, info)
+    r.cluster.reg.setdefault("models", {})[key] = {**info, "version": res.get("version")}
+    r.events.publish("model.scaled", model=key, replicas=replicas)
+    return json_response({"model": key, "replicas": replicas, **res})
+
+
+async def transfer_leader(request: web.Request) -> web.Response:
+    """Move the region's Raft leadership (before maintenance on the leader), optionally to a given node."""
+    r = _router(request)
+    c = r.cluster
+    raw = await request.read()
+    body = load_json(raw) if raw.strip() else {}
+    if not isinstance(body, dict):
+        raise ApiError(400, "expected {\"region\": R, \"to\": NODE_ID} (both optional)")
+    region = body.get("region") or c.cfg.region
+    to = body.get("to")
+    if not isinstance(region, str) or (to is not None and not isinstance(to, str)):
+        raise ApiError(400, "'region' and 'to' must be strings")
+    leader = c.leaders().get(region)
+    if leader is None:
+        raise ApiError(503, f"region {region!r} has no Raft leader right now")
+    to_addr = None
+    if to:
+        m = c.swim.get(to) if c.swim else None
+        raft = ((m.meta or {}).get("raft") or {}) if m else {}
+        if m is None or (m.meta or {}).get("region") != region or not raft.get("addr"):
+            raise ApiError(400, f"{to} is not a Raft voter of region {region!r}")
+        if to == leader["id"]:
+            return json_response({"region": region, "leader": to, "moved": False})
+        to_addr = raft["addr"]
+    if leader["id"] != c.id:
+        if r.is_routed(request):
+            raise ApiError(503, "leadership is moving; try again")  # never bounce between stale views
+        t = Target(leader["id"], leader["api_addr"], "node", leader["id"], region, False, 0.0)
+        try:
+            return json_response(await r.call(t, "POST", "/api/v1/cluster/leader/transfer",
+                                              {"region": region, "to": to}, limit_s=15.0))
+        except UpstreamError as e:
+            raise ApiError(e.status if e.status < 500 else 502, e.message) from None
+    if c.registry is None or not c.registry.is_leader:
+        raise ApiError(503, "leadership is moving already; try again")
+    moved = await c.registry.transfer_leadership(to_addr, timeout=10.0)
+    if not moved:
+        raise ApiError(503, "the leader could not hand over within 10 s (no caught-up voter?)")
+    new = c.registry.status().get("leader")
+    c.events.publish("raft.leader_transfer", region=region, from_=c.id, to=new)
+    return json_response({"region": region, "moved": True, "leader_raft_addr": new})
+
+
+def add_proxy_routes(app: web.Application) -> None:
+    r = app.router
+    r.add_get("/api/v1/proxy/status", proxy_status)
+    r.add_get("/api/v1/proxy/instances", proxy_instances)
+    r.add_post("/api/v1/proxy/instances", add_instance)
+    r.add_delete("/api/v1/proxy/instances", remove_instance)
+    r.add_get("/api/v1/proxy/metrics", proxy_metrics)
+    r.add_get("/api/v1/models", list_models)
+    r.add_post("/api/v1/models/scale", scale_model)
+    r.add_post("/api/v1/cluster/leader/transfer", transfer_leader)

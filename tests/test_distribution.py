@@ -1,0 +1,263 @@
+"""Model distribution on a real 3-node cluster: pull from peers (one and two seeders, a seeder killed
+midway, a corrupt seeder), the disk budget, peer-route auth, the official client's pull, and pull/push
+against a loopback OCI registry (Debian's docker-registry)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from omx.models.names import ModelName
+from omx.node.launch import NodeProc, free_ports, start_cluster, wait_until
+
+pytestmark = pytest.mark.timeout(300)
+
+MB = 1_000_000
+BIG = 30 * MB  # four 8 MiB chunks: enough to kill a seeder halfway through
+ENV = {
+    "OMX_LOG_LEVEL": "INFO",
+    "OMX_BANDWIDTH_LIMIT": "15MB",  # a 30 MB pull takes ~2 s: time to kill a seeder midway
+    "OMX_DISK_BUDGET": "100MB",
+    "OMX_MAX_BODY_BYTES": str(150 * MB),
+    "OMX_REGISTRIES": "http://127.0.0.1:9",  # never the internet
+}
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[NodeProc]]:
+    nodes = start_cluster(tmp_path_factory.mktemp("dist"), 3, 1, env=ENV)
+    try:
+        ids = {n.id for n in nodes}
+        wait_until(lambda: all({m["id"] for m in view(n)["members"] if m["status"] == "alive"} == ids
+                               for n in nodes), 60, what="3 alive members everywhere")
+        yield nodes
+    finally:
+        for n in nodes:
+            n.stop(signal.SIGKILL)
+
+
+def view(node: NodeProc) -> dict:
+    return httpx.get(node.url + "/api/v1/cluster", timeout=5).json()
+
+
+def digest(node: NodeProc, name: str) -> str | None:
+    """The manifest digest in this node's own store (/api/tags answers for the whole cluster)."""
+    try:
+        return hashlib.sha256(manifest_path(node, name).read_bytes()).hexdigest()
+    except FileNotFoundError:
+        return None
+
+
+def create(node: NodeProc, name: str, **body: object) -> None:
+    r = httpx.post(node.url + "/api/create", json={"model": name, "from": "omx-tiny", "stream": False, **body},
+                   timeout=120)
+    assert r.status_code == 200, r.text
+
+
+def pull(node: NodeProc, name: str, **body: object) -> tuple[int, list[dict]]:
+    with httpx.stream("POST", node.url + "/api/pull", json={"model": name, **body}, timeout=120) as r:
+        r.read()
+        if r.status_code != 200:
+            return r.status_code, [r.json()]
+        return 200, [json.loads(line) for line in r.text.splitlines() if line.strip()]
+
+
+def blobs_dir(node: NodeProc) -> Path:
+    return node.data_dir / "blobs"
+
+
+def blob_of(node: NodeProc, name: str, size: int) -> Path:
+    m = json.loads(manifest_path(node, name).read_bytes())
+    digest = next(layer["digest"] for layer in m["layers"] if layer["size"] == size)
+    return blobs_dir(node) / digest.replace(":", "-")
+
+
+def manifest_path(node: NodeProc, name: str) -> Path:
+    return node.data_dir / "manifests" / ModelName.parse(name).manifest_relpath()
+
+
+def check_stream(lines: list[dict]) -> None:
+    statuses = [x["status"] for x in lines]
+    assert statuses[0] == "pulling manifest"
+    assert statuses[-3:] == ["verifying sha256 digest", "writing manifest", "success"], statuses
+    for x in lines[1:-3]:
+        assert x["status"] == "pulling " + x["digest"][7:19] and x["total"] > 0
+        assert "completed" not in x or 0 < x["completed"] <= x["total"]
+
+
+def test_pull_from_a_peer_verified_by_digest(cluster: list[NodeProc]) -> None:
+    a, _, c = cluster
+    create(a, "peer-a:latest", system="You are replicated.")
+    code, lines = pull(c, "peer-a")
+    assert code == 200, lines
+    check_stream(lines)
+    assert digest(c, "peer-a") == digest(a, "peer-a") is not None  # the same manifest bytes
+    r = httpx.post(c.url + "/api/pull", json={"model": "peer-a", "stream": False}, timeout=60)
+    assert r.json() == {"status": "success"}  # already here: every blob is a cache hit
+
+
+def test_peer_routes_need_the_cluster_token(cluster: list[NodeProc]) -> None:
+    a = cluster[0]
+    m = json.loads(manifest_path(a, "omx-tiny:latest").read_bytes())
+    digest = m["layers"][0]["digest"]
+    assert httpx.get(f"{a.url}/api/v1/internal/blobs/{digest}", timeout=5).status_code in (401, 403)
+    r = httpx.get(f"{a.url}/api/v1/internal/manifests", params={"model": "omx-tiny"}, timeout=5,
+                  headers={"Authorization": "Bearer wrong"})
+    assert r.status_code in (401, 403)
+
+
+def test_official_client_pull(cluster: list[NodeProc]) -> None:
+    import ollama
+
+    a, b, _ = cluster
+    create(a, "peer-client:latest", system="Pulled by the official client.")
+    progress = list(ollama.Client(host=b.url).pull("peer-client", stream=True))
+    assert progress[0].status == "pulling manifest" and progress[-1].status == "success"
+    assert any(p.total and p.digest for p in progress)
+    assert ollama.Client(host=b.url).pull("peer-client").status == "success"
+    assert digest(b, "peer-client") == digest(a, "peer-client") is not None
+
+
+def omx_cli(*args: str) -> str:
+    """The CLI in a fresh process, as a user runs it; returns stderr (where progress goes)."""
+    res = subprocess.run([sys.executable, "-m", "omx.console.cli", *args], capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr
+    return res.stderr
+
+
+def test_cli_pull_and_import_from_ollama(cluster: list[NodeProc], tmp_path: Path) -> None:
+    from omx.models.demo import ensure_demo_model
+    from omx.models.store import Store
+
+    a, b, _ = cluster
+    create(a, "peer-cli:latest", system="Pulled by omx pull.")
+    assert "success" in omx_cli("--host", b.url, "pull", "peer-cli")
+    assert digest(b, "peer-cli") == digest(a, "peer-cli") is not None
+    ollama_dir = tmp_path / "ollama"  # an Ollama store: same layout as ours
+    src = Store(ollama_dir)
+    ensure_demo_model(src, "imported/tiny:v2")
+    want = hashlib.sha256(src.manifest_bytes("imported/tiny:v2")).hexdigest()
+    assert "imported 1 of 1" in omx_cli("--host", b.url, "model", "import", "--from-ollama", str(ollama_dir))
+    assert digest(b, "imported/tiny:v2") == want
+    r = httpx.post(b.url + "/api/show", json={"model": "imported/tiny:v2"}, timeout=30)
+    assert r.status_code == 200 and r.json()["details"]["format"] == "gguf"
+
+
+def test_full_budget_is_a_clear_error_and_leaves_nothing(cluster: list[NodeProc]) -> None:
+    a, _, c = cluster
+    create(a, "huge:latest", license=["x" * (55 * MB), "y" * (55 * MB)])
+    before = sorted(p.name for p in blobs_dir(c).iterdir())
+    code, body = pull(c, "huge")
+    assert code == 507 and "not enough space" in body[0]["error"] and "budget" in body[0]["error"], body
+    assert sorted(p.name for p in blobs_dir(c).iterdir()) == before  # no blob, no partial file
+    assert digest(c, "huge") is None and digest(c, "peer-a") is not None  # nothing evicted for nothing
+
+
+def test_corrupt_seeder_is_detected_and_nothing_corrupt_lands(cluster: list[NodeProc]) -> None:
+    a, b, c = cluster
+    create(a, "bent:latest", license="z" * (20 * MB))
+    assert pull(b, "bent")[0] == 200
+    path = blob_of(b, "bent:latest", 20 * MB)
+    with path.open("r+b") as f:  # bit rot on b's disk, after b verified it: one bad byte in every chunk
+        for off in range(0, 20 * MB, 2 * MB):
+            f.seek(off)
+            f.write(b"Q")
+    code, lines = pull(c, "bent")
+    assert code == 200 and lines[-1] == {"status": "success"}, (code, lines[-3:])
+    good = blob_of(c, "bent:latest", 20 * MB)
+    assert hashlib.sha256(good.read_bytes()).hexdigest() == good.name.removeprefix("sha256-")
+    marked = [line for line in c.log if "marking source" in line]
+    assert marked and b.id in marked[0], "".join(c.log[-20:])
+    # the only seeder is corrupt: the pull fails, and no byte of it lands
+    create(a, "bent2:latest", license="w" * (9 * MB))
+    assert pull(b, "bent2")[0] == 200
+    path = blob_of(b, "bent2:latest", 9 * MB)
+    with path.open("r+b") as f:
+        f.write(b"Q")
+    assert httpx.request("DELETE", a.url + "/api/delete", json={"model": "bent2"}, timeout=30).status_code == 200
+    code, lines = pull(c, "bent2")
+    errors = [x["error"] for x in lines if "error" in x]
+    assert errors and ("digest mismatch" in errors[0] or "no usable source" in errors[0]), lines[-2:]
+    assert not [p for p in blobs_dir(c).iterdir() if path.name.removeprefix("sha256-") in p.name]
+    assert digest(c, "bent2") is None
+
+
+def test_two_seeders_and_one_killed_midway(cluster: list[NodeProc]) -> None:
+    a, b, c = cluster
+    create(a, "twin:latest", license="t" * BIG)
+    assert pull(b, "twin")[0] == 200
+    wait_until(lambda: all("twin:latest" in (m.get("meta", {}).get("have") or ["twin:latest"])
+                           for m in view(c)["members"] if m["id"] != c.id), 20, what="both seeders advertised")
+    killed = False
+    lines: list[dict] = []
+    with httpx.stream("POST", c.url + "/api/pull", json={"model": "twin"}, timeout=120) as r:
+        assert r.status_code == 200
+        for raw in r.iter_lines():
+            if not raw.strip():
+                continue
+            x = json.loads(raw)
+            lines.append(x)
+            if not killed and x.get("total") == BIG and x.get("completed", 0) > 4 * MB:
+                b.stop(signal.SIGKILL)  # a seeder dies mid-transfer
+                killed = True
+    assert killed, lines
+    check_stream(lines)
+    good = blob_of(c, "twin:latest", BIG)
+    assert hashlib.sha256(good.read_bytes()).hexdigest() == good.name.removeprefix("sha256-")
+    assert digest(c, "twin") == digest(a, "twin") is not None
+    assert not [p for p in blobs_dir(c).iterdir() if p.name.startswith(".omx-partial-")]
+
+
+# ---- a real OCI registry on loopback --------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    exe = shutil.which("docker-registry")
+    if exe is None:
+        pytest.skip("docker-registry is not installed (apt-get install docker-registry; .ci/run installs it)")
+    root = tmp_path_factory.mktemp("registry")
+    port = free_ports(1)[0]
+    cfg = root / "config.yml"
+    cfg.write_text(f"version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {root / 'data'}\n"
+                   f"  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n")
+    proc = subprocess.Popen([exe, "serve", str(cfg)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_until(lambda: httpx.get(f"http://127.0.0.1:{port}/v2/", timeout=2).status_code == 200, 30,
+                   what="docker-registry to listen")
+        yield f"127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_push_and_pull_through_a_registry(cluster: list[NodeProc], registry: str) -> None:
+    a, _, c = cluster
+    name = f"{registry}/library/tiny:v1"
+    assert httpx.post(a.url + "/api/copy", json={"source": "omx-tiny", "destination": name},
+                      timeout=30).status_code == 200
+    r = httpx.post(a.url + "/api/push", json={"model": name}, timeout=60)  # plain http needs insecure
+    assert r.status_code == 200 and "error" in r.text.splitlines()[-1], r.text
+    r = httpx.post(a.url + "/api/push", json={"model": name, "insecure": True}, timeout=60)
+    lines = [json.loads(x) for x in r.text.splitlines()]
+    statuses = [x["status"] for x in lines if "status" in x]
+    assert statuses[0] == "retrieving manifest" and statuses[-2:] == ["pushing manifest", "success"], lines
+    assert any(s.startswith("pushing ") and x.get("total") for s, x in zip(statuses, lines, strict=False))
+    want = digest(a, name)
+    # only the registry has it now, so c pulls from there
+    assert httpx.request("DELETE", a.url + "/api/delete", json={"model": name}, timeout=30).status_code == 200
+    code, lines = pull(c, name, insecure=True)
+    assert code == 200, lines
+    check_stream(lines)
+    assert digest(c, name) == want is not None  # manifest bytes unchanged through push and pull
+    code, body = pull(c, f"{registry}/library/nothing:here", insecure=True)
+    assert code == 404 and body[0]["error"] == "pull model manifest: file does not exist"

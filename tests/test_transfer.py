@@ -1,0 +1,318 @@
+"""Blob transfer against in-process seeders: parallel ranged chunks, bad bytes, dying seeders, resume,
+shared transfers, disk budget and eviction, the pull progress stream."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import re
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from omx.models.demo import ensure_demo_model
+from omx.models.names import ModelName
+from omx.models.store import Store
+from omx.models.transfer import (
+    PARTIAL_PREFIX,
+    BudgetExceeded,
+    Fetcher,
+    PullPlan,
+    Source,
+    TransferError,
+    UseRecord,
+    make_room,
+    missing_bytes,
+    pull_model,
+)
+
+pytestmark = pytest.mark.timeout(120)
+
+CHUNK = 64 << 10
+
+
+@dataclass
+class Seeder:
+    """An aiohttp server holding blobs; can corrupt bytes, die after a number of bytes, or go slowly."""
+
+    blobs: dict[str, bytes]
+    corrupt_at: set[int] = field(default_factory=set)  # absolute offsets whose byte is flipped
+    die_after: int | None = None  # bytes served before every further request fails
+    delay: float = 0.0
+    served: int = 0
+    requests: list[tuple[int, int]] = field(default_factory=list)
+    url: str = ""
+    runner: web.AppRunner | None = None
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        hexd = request.match_info["digest"].removeprefix("sha256:")
+        data = self.blobs.get(hexd)
+        if data is None:
+            raise web.HTTPNotFound()
+        start, end = 0, len(data) - 1
+        m = re.fullmatch(r"bytes=(\d+)-(\d+)", request.headers.get("Range", ""))
+        if m:
+            start, end = int(m.group(1)), min(int(m.group(2)), len(data) - 1)
+        self.requests.append((start, end))
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        body = bytearray(data[start:end + 1])
+        for off in self.corrupt_at:
+            if start <= off <= end:
+                body[off - start] ^= 0xFF
+        status = 206 if m else 200
+        headers = {"Content-Range": f"bytes {start}-{end}/{len(data)}"} if m else {}
+        if self.die_after is not None and self.served + len(body) > self.die_after:
+            # send part of the body, then drop the connection
+            resp = web.StreamResponse(status=status, headers=headers)
+            resp.content_length = len(body)
+            await resp.prepare(request)
+            keep = max(0, self.die_after - self.served)
+            await resp.write(bytes(body[: min(keep, len(body) // 2)]))
+            self.served = self.die_after
+            assert request.transport is not None
+            request.transport.close()
+            return resp
+        self.served += len(body)
+        return web.Response(body=bytes(body), status=status, headers=headers)
+
+    async def start(self) -> Seeder:
+        app = web.Application()
+        app.router.add_get("/blobs/{digest}", self.handle)
+        self.runner = web.AppRunner(app, access_log=None)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        self.url = f"http://127.0.0.1:{self.runner.addresses[0][1]}"
+        return self
+
+    def source(self, sid: str) -> Source:
+        return Source(id=sid, blob_prefix=f"{self.url}/blobs/")
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+
+def blob(n: int, seed: int = 1) -> tuple[str, bytes]:
+    data = hashlib.sha256(str(seed).encode()).digest() * (n // 32) + os.urandom(n % 32)
+    return hashlib.sha256(data).hexdigest(), data
+
+
+@pytest.fixture
+async def seeders() -> AsyncIterator[list[Seeder]]:
+    made: list[Seeder] = []
+    yield made
+    for s in made:
+        await s.stop()
+
+
+async def seeder(made: list[Seeder], blobs: dict[str, bytes], **kw: object) -> Seeder:
+    s = await Seeder(blobs, **kw).start()  # type: ignore[arg-type]
+    made.append(s)
+    return s
+
+
+def visible(store: Store) -> list[str]:
+    return sorted(p.name for p in store.blobs_dir.iterdir())
+
+
+def partials(store: Store) -> list[str]:
+    return [n for n in visible(store) if n.startswith(PARTIAL_PREFIX)]
+
+
+async def fetch(f: Fetcher, hexd: str, size: int, sources: list[Source]) -> None:
+    pins: set[str] = set()
+    try:
+        await f.fetch(hexd, size, sources, pins)
+    finally:
+        f.store._unpin_all(pins)
+
+
+async def test_one_seeder_ranged_chunks(tmp_path: Path, seeders: list[Seeder]) -> None:
+    hexd, data = blob(10 * CHUNK + 123)
+    s = await seeder(seeders, {hexd: data})
+    store = Store(tmp_path)
+    f = Fetcher(store, chunk_size=CHUNK)
+    try:
+        await fetch(f, hexd, len(data), [s.source("a")])
+    finally:
+        await f.close()
+    assert store.blob_path(hexd).read_bytes() == data
+    assert len(s.requests) == 11 and all(e - b + 1 <= CHUNK for b, e in s.requests)
+    assert partials(store) == []
+
+
+async def test_two_seeders_share_the_chunks(tmp_path: Path, seeders: list[Seeder]) -> None:
+    hexd, data = blob(40 * CHUNK)
+    a = await seeder(seeders, {hexd: data}, delay=0.01)
+    b = await seeder(seeders, {hexd: data}, delay=0.01)
+    store = Store(tmp_path)
+    f = Fetcher(store, chunk_size=CHUNK)
+    try:
+        await fetch(f, hexd, len(data), [a.source("a"), b.source("b")])
+    finally:
+        await f.close()
+    assert store.blob_path(hexd).read_bytes() == data
+    assert a.requests and b.requests and len(a.requests) + len(b.requests) == 40
+
+
+async def test_corrupt_seeder_is_found_and_its_chunks_refetched(tmp_path: Path, seeders: list[Seeder]) -> None:
+    hexd, data = blob(20 * CHUNK)
+    good = await seeder(seeders, {hexd: data}, delay=0.01)
+    bad = await seeder(seeders, {hexd: data}, delay=0.01, corrupt_at={5, 7 * CHUNK + 9, 15 * CHUNK})
+    store = Store(tmp_path)
+    f = Fetcher(store, chunk_size=CHUNK)
+    try:
+        await fetch(f, hexd, len(data), [good.source("good"), bad.source("bad")])
+        assert f.health.is_bad("bad") and not f.health.is_bad("good")
+        # the bad seeder's chunks were fetched again from the good one, not the whole blob
+        assert len(good.requests) < 20 + len(bad.requests) + 1
+    finally:
+        await f.close()
+    assert hashlib.sha256(store.blob_path(hexd).read_bytes()).hexdigest() == hexd
+    assert partials(store) == []
+
+
+async def test_only_a_corrupt_seeder_lands_nothing(tmp_path: Path, seeders: list[Seeder]) -> None:
+    hexd, data = blob(5 * CHUNK)
+    bad = await seeder(seeders, {hexd: data}, corrupt_at={100})
+    store = Store(tmp_path)
+    f = Fetcher(store, chunk_size=CHUNK)
+    try:
+        with pytest.raises(TransferError, match="digest mismatch"):
+            await fetch(f, hexd, len(data), [bad.source("bad")])
+        assert f.health.is_bad("bad")
+    finally:
+        await f.close()
+    assert visible(store) == []  # no blob, no partial, no record
+
+
+async def test_seeder_dies_midway_the_other_finishes(tmp_path: Path, seeders: list[Seeder]) -> None:
+    hexd, data = blob(30 * CHUNK)
+    dying = await seeder(seeders, {hexd: data}, die_after=5 * CHUNK, delay=0.005)
+    steady = await seeder(seeders, {hexd: data}, delay=0.005)
+    store = Store(tmp_path)
+    f = Fetcher(store, chunk_size=CHUNK)
+    try:
+        await fetch(f, hexd, len(data), [dying.source("dying"), steady.source("steady")])
+    finally:
+        await f.close()
+    assert store.blob_path(hexd).read_bytes() == data
+    assert partials(store) == []
+
+
+@pytest.mark.parametrize("same_process", [True, False])
+async def test_resume_after_interruption(tmp_path: Path, seeders: list[Seeder], same_process: bool) -> None:
+    hexd, data = blob(24 * CHUNK)
+    dying = await seeder(seeders, {hexd: data}, die_after=10 * CHUNK)
+    store = Store(tmp_path)
+    f = Fetcher(store, chunk_size=CHUNK, streams=1)
+    with pytest.raises(TransferError, match="no source could serve"):
+        await fetch(f, hexd, len(data), [dying.source("dying")])
+    assert not store.has_blob(hexd)
+    assert sorted(partials(store)) == [f"{PARTIAL_PREFIX}{hexd}", f"{PARTIAL_PREFIX}{hexd}.json"]
+    assert missing_bytes(store, {hexd: len(data)}) == 0  # the partial file already holds its space
+    if not same_process:
+        await f.close()
+        store = Store(tmp_path)  # a restarted node: the running hash is gone, the partial file is not
+        f = Fetcher(store, chunk_size=CHUNK, streams=1)
+    fresh = await seeder(seeders, {hexd: data})
+    try:
+        await fetch(f, hexd, len(data), [fresh.source("fresh")])
+    finally:
+        await f.close()
+    assert store.blob_path(hexd).read_bytes() == data
+    assert fresh.served <= len(data) - 9 * CHUNK  # only what was missing
+    assert partials(store) == []
+
+
+async def test_concurrent_requests_share_one_transfer(tmp_path: Path, seeders: list[Seeder]) -> None:
+    hexd, data = blob(16 * CHUNK)
+    s = await seeder(seeders, {hexd: data}, delay=0.01)
+    store = Store(tmp_path)
+    f = Fetcher(store, chunk_size=CHUNK)
+    try:
+        await asyncio.gather(*(fetch(f, hexd, len(data), [s.source("s")]) for _ in range(4)))
+    finally:
+        await f.close()
+    assert s.served == len(data)
+    assert store.blob_path(hexd).read_bytes() == data
+    assert not store._pins  # every waiter released its pin
+
+
+async def test_bandwidth_limit(tmp_path: Path, seeders: list[Seeder]) -> None:
+    hexd, data = blob(8 * CHUNK)  # 512 KiB at 1 MB/s: at least ~0.5 s after the first second's burst... or so
+    s = await seeder(seeders, {hexd: data})
+    store = Store(tmp_path)
+    f = Fetcher(store, chunk_size=CHUNK, rate_limit=256_000)
+    t0 = time.monotonic()
+    try:
+        await fetch(f, hexd, len(data), [s.source("s")])
+    finally:
+        await f.close()
+    assert time.monotonic() - t0 > 0.9  # 524 KB at 256 KB/s with a one-second burst: > 1 s
+
+
+def _make_model(store: Store, name: str, size: int, seed: int) -> None:
+    """A model with one distinct blob of `size` bytes (enough for the budget arithmetic)."""
+    ensure_demo_model(store)
+    _, data = blob(size, seed)
+    digest = store.put_blob_bytes(data)
+    m = store.read_manifest("omx-tiny:latest")
+    extra = m.layers[0].model_copy(update={"media_type": "application/vnd.ollama.image.license",
+                                           "digest": digest, "size": size})
+    store.write_manifest(name, m.model_copy(update={"layers": [*m.layers, extra]}))
+
+
+def test_budget_evicts_lru_unprotected_models(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    _make_model(store, "old:latest", 300_000, 1)
+    _make_model(store, "loaded:latest", 300_000, 2)
+    _make_model(store, "recent:latest", 300_000, 3)
+    uses = UseRecord(store)
+    uses.touch("old:latest")
+    uses.touch("recent:latest")
+    from omx.models.transfer import store_bytes
+
+    used = store_bytes(store)
+    protected = {ModelName.parse("loaded:latest")}
+    evicted = make_room(store, 200_000, budget=used + 150_000, protected=protected, uses=uses)
+    assert evicted == ["old:latest"]
+    assert store.exists("loaded:latest") and store.exists("recent:latest")
+    with pytest.raises(BudgetExceeded, match="disk budget"):
+        make_room(store, 10 << 20, budget=used, protected=protected | {ModelName.parse("recent:latest")}, uses=uses)
+
+
+async def test_pull_progress_stream_and_budget(tmp_path: Path, seeders: list[Seeder]) -> None:
+    src = Store(tmp_path / "src")
+    _make_model(src, "big:latest", 5 * CHUNK + 7, 9)
+    data = src.manifest_bytes("big:latest")
+    m = src.read_manifest("big:latest")
+    s = await seeder(seeders, {h: src.blob_path(h).read_bytes() for h in m.digests()})
+    dst = Store(tmp_path / "dst")
+    f = Fetcher(dst, chunk_size=CHUNK)
+    plan = PullPlan(ModelName.parse("big:latest"), data, [s.source("s")])
+    try:
+        lines = [x async for x in pull_model(dst, f, plan, UseRecord(dst))]
+    finally:
+        await f.close()
+    statuses = [x["status"] for x in lines]
+    assert statuses[-3:] == ["verifying sha256 digest", "writing manifest", "success"]
+    big = next(layer for layer in m.layers if layer.size == 5 * CHUNK + 7)
+    mine = [x for x in lines if x.get("digest") == big.digest]
+    assert mine[0]["status"] == f"pulling {big.hex[:12]}" and mine[0]["total"] == big.size
+    assert mine[-1]["completed"] == big.size
+    assert all("completed" not in x or x["completed"] > 0 for x in lines)  # omitempty like Ollama
+    assert dst.manifest_bytes("big:latest") == data  # byte for byte: the same digest
+    assert not dst._pins
+    need = missing_bytes(Store(tmp_path / "empty"), plan.sizes())
+    assert need == sum(plan.sizes().values())
+    with pytest.raises(BudgetExceeded):
+        make_room(Store(tmp_path / "empty"), need, budget=need // 2, protected=set(), uses=UseRecord(dst))
+    assert visible(Store(tmp_path / "empty")) == []
