@@ -99,6 +99,7 @@ class Cluster:
         # The region's registry as last read: control nodes copy their replica, workers poll a control node.
         # Routing and placement decide from this snapshot; writes still go through Raft.
         self.reg: dict[str, Any] = {}
+        self.extra_meta: dict[str, Any] = {}  # other components' gossip fields (the scheduler's load failures)
         self._have: list[str] = []
         self._have_at = 0.0
         self.id = node_id(cfg.data_dir)
@@ -258,7 +259,7 @@ class Cluster:
         return {"region": cfg.region, "role": cfg.role, "api": self.api_url, "raft": raft, "models": loaded,
                 "have": self._have, "inflight": inflight, "queue": queue,
                 "slots": cfg.num_parallel * cfg.max_loaded_models, "mem_avail": _mem_available(),
-                "cordoned": bool(mine.get("cordoned")), "draining": bool(mine.get("draining"))}
+                "cordoned": bool(mine.get("cordoned")), "draining": bool(mine.get("draining")), **self.extra_meta}
 
     def _scan_store(self) -> None:
         """Model names in our store, as short as they print, within the gossip budget (routing reads them)."""

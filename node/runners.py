@@ -56,6 +56,7 @@ class Runner:
         self.expires_at = math.inf  # wall clock; inf while busy or kept forever
         self.last_used = time.monotonic()
         self.dead: str | None = None
+        self.unload_when_idle = False  # asked to unload while busy: no request's keep_alive may undo that
         self.reader: asyncio.Task[None] | None = None
         self.timer: asyncio.TimerHandle | None = None
         self._ids = itertools.count(1)
@@ -251,6 +252,10 @@ class RunnerManager:
         r.inflight = max(0, r.inflight - 1)
         r.last_used = time.monotonic()
         r.keep_alive = self.default_keep_alive if keep_alive is None else keep_alive
+        if keep_alive is not None and math.isinf(keep_alive):
+            r.unload_when_idle = False  # pinned again (placed here, or a client asked to keep it forever)
+        if r.unload_when_idle:
+            r.keep_alive = 0.0
         if r.dead:
             if self.runners.get(r.spec.key) is r and r.inflight == 0:
                 self.runners.pop(r.spec.key, None)
@@ -288,6 +293,7 @@ class RunnerManager:
                 await self._unload(r)
             else:
                 r.keep_alive = 0.0  # unload when the last request finishes
+                r.unload_when_idle = True
 
     def reap_dead(self) -> None:
         for key, r in list(self.runners.items()):

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import math
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -35,8 +36,9 @@ def place(snapshot: dict[str, Any], members: list[dict[str, Any]], region: str) 
     """New placements for the models whose placement should change (pure: easy to test at any scale).
 
     `members` are gossip views: {"id", "state", "meta"}; a node is eligible for a model when it is alive in
-    `region`, not cordoned or draining in the registry, holds the model and has the memory for it (or runs
-    it already)."""
+    `region`, not cordoned or draining in the registry, has the memory for it (or runs it already) and has
+    not failed to load it. Nodes that hold the model come first; others fetch it from a holder (peer to
+    peer) when placed, so a model survives the loss of every node that had it loaded."""
     nodes = snapshot.get("nodes", {})
     placements: dict[str, list[str]] = snapshot.get("placements", {})
     alive = {}
@@ -55,10 +57,13 @@ def place(snapshot: dict[str, Any], members: list[dict[str, Any]], region: str) 
         desired = int(rec.get("desired_replicas", 0))
         need = int(rec.get("size", 0)) * MEMORY_HEADROOM
         current = list(placements.get(key, []))
+        held = any(key in ((m.get("meta") or {}).get("have") or []) for m in members if m.get("state") == "alive")
 
-        def fits(nid: str, key: str = key, need: float = need) -> bool:
+        def fits(nid: str, key: str = key, need: float = need, held: bool = held) -> bool:
             meta = alive[nid]
-            if key not in (meta.get("have") or []):
+            if key in (meta.get("load_failed") or []):
+                return False
+            if key not in (meta.get("have") or []) and not held:
                 return False
             avail = int(meta.get("mem_avail") or 0)
             return avail == 0 or avail >= need or key in (meta.get("models") or [])
@@ -66,7 +71,8 @@ def place(snapshot: dict[str, Any], members: list[dict[str, Any]], region: str) 
         keep = [n for n in current if n in alive and fits(n)][:desired]
         if len(keep) < desired:
             spare = sorted((n for n in alive if n not in keep and fits(n)),
-                           key=lambda n: (load[n], -int(alive[n].get("mem_avail") or 0), n))
+                           key=lambda n: (key not in (alive[n].get("have") or []), load[n],
+                                          -int(alive[n].get("mem_avail") or 0), n))
             for n in spare[: desired - len(keep)]:
                 keep.append(n)
                 load[n] += 1
@@ -76,10 +82,12 @@ def place(snapshot: dict[str, Any], members: list[dict[str, Any]], region: str) 
 
 
 class Scheduler:
-    def __init__(self, cfg: NodeConfig, cluster: Cluster, infer: Inference, events: EventBus) -> None:
+    def __init__(self, cfg: NodeConfig, cluster: Cluster, infer: Inference, events: EventBus,
+                 fetch: Callable[[str], Awaitable[None]] | None = None) -> None:
         self.cfg = cfg
         self.cluster = cluster
         self.infer = infer
+        self.fetch = fetch  # pulls a model from peers (omx.node.distribution.replicate)
         self.events = events
         self._pinned: set[str] = set()  # model keys this node loaded because they are placed here
         self._loading: dict[str, asyncio.Task[None]] = {}
@@ -153,6 +161,9 @@ class Scheduler:
 
     async def _load(self, key: str) -> None:
         try:
+            if self.fetch is not None and not self.infer.store.exists(key):
+                log.info("fetching placed model %s from peers", key)
+                await self.fetch(key)
             m = self.infer.resolve(key)
             spec = self.infer.load_spec(m)
             runner, secs = await self.infer.runners.acquire(spec)
@@ -162,10 +173,19 @@ class Scheduler:
             self.events.publish("scheduler.replica_ready", model=key, node=self.cluster.id, load_s=round(secs, 2))
         except (ApiError, ModelNotFound) as e:
             log.warning("cannot load placed model %s: %s", key, getattr(e, "message", e))
-        except Exception:
+            self._failed(key, str(getattr(e, "message", e)))
+        except Exception as e:
             log.exception("loading placed model %s failed", key)
+            self._failed(key, type(e).__name__)
         finally:
             self._loading.pop(key, None)
+
+    def _failed(self, key: str, why: str) -> None:
+        """Tell the leader (through gossip) not to place this model here again until this node restarts."""
+        failed = self.cluster.extra_meta.get("load_failed", [])
+        if key not in failed:  # a new list: gossip compares metadata by value against the last one sent
+            self.cluster.extra_meta["load_failed"] = [*failed, key]
+        self.events.publish("scheduler.load_failed", model=key, node=self.cluster.id, reason=why)
 
     async def _release(self, key: str) -> None:
         """No longer placed here: unload after the in-flight requests finish (a drain loses nothing)."""

@@ -15,6 +15,7 @@ from pathlib import Path
 from aiohttp import web
 
 from omx.models.store import Store
+from omx.node import distribution
 from omx.node.app import CONFIG, INFER, RUNNERS, STORE, add_native_routes, errors_mw, make_host_check
 from omx.node.cluster import Cluster, ClusterStartError
 from omx.node.cluster_routes import CLUSTER, EVENTS, add_cluster_routes
@@ -56,7 +57,8 @@ def build_app(cfg: NodeConfig) -> web.Application:
     app[EVENTS] = EventBus()
     app[CLUSTER] = Cluster(cfg, app[EVENTS], runners, store)
     app[ROUTER] = Router(cfg, app[CLUSTER], runners, app[EVENTS])
-    app[SCHEDULER] = Scheduler(cfg, app[CLUSTER], app[INFER], app[EVENTS])
+    app[SCHEDULER] = Scheduler(cfg, app[CLUSTER], app[INFER], app[EVENTS],
+                               fetch=lambda name: distribution.replicate(app, name))
     add_cluster_routes(app)
     add_distribution_routes(app)
     add_proxy_routes(app)

@@ -211,8 +211,10 @@ def test_external_instance_is_health_checked_and_routed_to(cluster: list[NodePro
                            for i in inst) for inst in insts[:3])
 
         wait_until(routed_everywhere, 30, what="every node to health-check the external instance")
-        r = httpx.post(cluster[2].url + "/api/generate", json={"model": "outside", "prompt": "x", "stream": False,
-                                                               "options": {"num_predict": 2}}, timeout=60)
+        r = httpx.post(cluster[2].url + "/api/generate", json={"model": "outside", "prompt": "hello world",
+                                                               "stream": False,
+                                                               "options": {"num_predict": 2, "temperature": 0}},
+                       timeout=60)
         assert r.status_code == 200 and r.json()["eval_count"] == 2
         assert "outside:latest" in {m["name"] for m in httpx.get(ext.url + "/api/ps", timeout=5).json()["models"]}
         rm = omx("proxy", "remove", ext.url, "--api-url", cluster[0].url)
@@ -232,7 +234,12 @@ def test_midstream_kill_resumes_on_another_replica(cluster: list[NodeProc]) -> N
     # unload duo everywhere, then load it on node 1 only (the router prefers a replica with the model loaded)
     assert httpx.post(n3.url + "/api/generate", json={"model": "duo", "keep_alive": 0}, timeout=60).status_code == 200
     assert local_request(n1, "/api/generate", {"model": "duo", "keep_alive": "10m"}).status_code == 200
-    wait_until(lambda: ps_nodes(n3, "duo") == {n1.id}, 30, what="duo to be loaded on node 1 only")
+
+    def loaded_per_gossip() -> dict[str, bool]:  # what node 3's router decides from
+        return {m["id"]: "duo:latest" in (m["meta"].get("models") or []) for m in members(n3)}
+
+    wait_until(lambda: ps_nodes(n3, "duo") == {n1.id} and loaded_per_gossip().get(n1.id)
+               and not loaded_per_gossip().get(n2.id), 30, what="duo to be loaded on node 1 only")
 
     received: list[dict] = []
     killed = threading.Event()
@@ -292,3 +299,22 @@ def test_dead_holder_is_a_clear_error(cluster: list[NodeProc]) -> None:
                what="node 1 to be declared failed")
     r = httpx.post(n2.url + "/api/generate", json={"model": "solo", "prompt": "x", "stream": False}, timeout=60)
     assert r.status_code == 404 and r.json() == {"error": "model 'solo' not found"}
+
+
+def test_scale_places_replicas_and_skips_a_node_that_cannot_load(cluster: list[NodeProc]) -> None:
+    """`omx model scale`: the region leader places 2 replicas; the broken node (if chosen) fails to load, says
+    so in gossip and is replaced; scaling to 0 releases them."""
+    _, n2, n3, _ = cluster
+    out = omx("model", "scale", "omx-tiny", "--replicas", "2", "--api-url", n3.url)
+    assert out.returncode == 0, out.stderr
+
+    def placed_and_loaded() -> bool:
+        models = httpx.get(n2.url + "/api/v1/models", timeout=10).json()["models"]
+        m = next(m for m in models if m["name"] == "omx-tiny:latest")
+        return m["replicas"] == 2 and set(m["nodes"]) == {n2.id, n3.id} and set(m["placed"]) == {n2.id, n3.id}
+
+    wait_until(placed_and_loaded, 120, what="2 replicas of omx-tiny placed and loaded on the healthy nodes")
+    assert omx("model", "scale", "omx-tiny", "--replicas", "0", "--api-url", n2.url).returncode == 0
+    wait_until(lambda: ps_nodes(n3, "omx-tiny") == set(), 60, what="the replicas to be released")
+    bad = omx("model", "scale", "no-such-model", "--replicas", "1", "--api-url", n2.url)
+    assert bad.returncode != 0 and "not found" in bad.stderr

@@ -1,0 +1,5 @@
+import sys
+
+from omx.console.tui.launch import main
+
+sys.exit(main())
