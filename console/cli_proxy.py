@@ -148,10 +148,21 @@ def remove(url: Annotated[str, typer.Argument(help="The instance URL as register
 
 def scale(model: Annotated[str, typer.Argument(help="Model name.")],
           replicas: Annotated[int, typer.Option("--replicas", help="Replicas to keep loaded (0 = on demand).")],
+          label: Annotated[list[str] | None, typer.Option(
+              "--label", help="KEY=VALUE node label the replicas require (repeat; --label '' clears).")] = None,
           api_url: ApiUrlOpt = None) -> None:
     """Set a model's desired replicas; the region leader places them on nodes and keeps them placed."""
-    res = cli._client(api_url).json("POST", "/api/v1/models/scale", {"model": model, "replicas": replicas})
-    print(f"{res.get('model')}: {res.get('replicas')} replica(s) desired")
+    body: dict[str, Any] = {"model": model, "replicas": replicas}
+    if label is not None:
+        pairs = [x for x in label if x]
+        bad = [x for x in pairs if "=" not in x or not x.split("=", 1)[0]]
+        if bad:
+            raise cli.CliError(f"--label takes KEY=VALUE, got {bad[0]!r}")
+        body["labels"] = dict(x.split("=", 1) for x in pairs)
+    res = cli._client(api_url).json("POST", "/api/v1/models/scale", body)
+    where = ", ".join(f"{k}={v}" for k, v in (res.get("labels") or {}).items())
+    print(f"{res.get('model')}: {res.get('replicas')} replica(s) desired" + (f" on nodes labelled {where}" if where
+                                                                              else ""))
 
 
 def register(module: Any, app: typer.Typer, model_app: typer.Typer) -> None:

@@ -248,7 +248,7 @@ async def unload_everywhere(
     """keep_alive 0 unloads the model on every node that has it loaded, not just the one asked."""
     router = request.app[ROUTER]
     key = model_key(raw_model)
-    peers = [t for t in router.peers() if key in (router._meta(t.id).get("models") or [])]
+    peers = [t for t in router.peers() if key in (router.meta_of(t.id).get("models") or [])]
     results = await router.fanout(peers, "POST", path, {**body, "stream": False}, limit_s=30.0)
     first: dict[str, Any] | None = None
     if has_model(request, raw_model) or not peers:
@@ -302,13 +302,16 @@ async def api_embeddings(request: web.Request) -> web.Response:
     return json_response(res)
 
 
-async def _from_peers(request: web.Request, path: str) -> list[tuple[str, dict[str, Any]]]:
-    """GET `path` from every other live node (skipped when this request was itself routed here)."""
+async def _from_peers(request: web.Request, path: str, field_name: str) -> list[tuple[str, dict[str, Any]]]:
+    """GET `path` from the peers whose gossip `field_name` covers the cluster (skipped when this request was
+    itself routed here)."""
     router = request.app[ROUTER]
     if router.is_routed(request):
         return []
     out = []
-    for t, res, err in await router.fanout(router.peers(), "GET", path):
+    targets = router.covering(field_name) if field_name == "have" else \
+        [t for t in router.peers() if router.meta_of(t.id).get(field_name)]
+    for t, res, err in await router.fanout(targets, "GET", path):
         if err is None and isinstance(res, dict):
             out.append((t.id, res))
         else:
@@ -325,7 +328,7 @@ async def cluster_tags(request: web.Request) -> list[dict[str, Any]]:
     store = request.app[STORE]
     entries = await asyncio.to_thread(store.list_models)
     by_name = {e["name"]: e for e in (tag_entry(e) for e in entries)}
-    for _nid, res in await _from_peers(request, "/api/tags"):
+    for _nid, res in await _from_peers(request, "/api/tags", "have"):
         for m in res.get("models") or []:
             if isinstance(m, dict) and isinstance(m.get("name"), str):
                 cur = by_name.get(m["name"])
@@ -371,7 +374,7 @@ async def api_ps(request: web.Request) -> web.Response:
         out.append({"name": r.spec.name, "model": r.spec.name, "size": r.spec.size, "digest": r.spec.digest,
                     "details": r.spec.details, "expires_at": rfc3339(expires, local=True), "size_vram": vram,
                     "context_length": r.spec.num_ctx, "node": me})
-    for nid, res in await _from_peers(request, "/api/ps"):
+    for nid, res in await _from_peers(request, "/api/ps", "models"):
         for m in res.get("models") or []:
             if isinstance(m, dict):
                 out.append({**m, "node": m.get("node") or nid})

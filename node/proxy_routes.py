@@ -10,6 +10,7 @@ from aiohttp import web
 
 from omx.node.app import cluster_tags, json_response
 from omx.node.router import ROUTER, Router, Target, UpstreamError, model_key
+from omx.node.scheduler import SELECTOR_PREFIX
 from omx.protocols.api import ApiError, load_json
 
 MAX_EXTERNALS = 64
@@ -108,7 +109,8 @@ async def list_models(request: web.Request) -> web.Response:
         rec = catalog.get(key, {})
         out.append({"name": tag["name"], "digest": tag.get("digest"), "size": tag.get("size"),
                     "replicas": int(rec.get("desired_replicas", 0)), "actual": len(loaded_on.get(key, [])),
-                    "nodes": sorted(loaded_on.get(key, [])), "placed": placements.get(key, [])})
+                    "nodes": sorted(loaded_on.get(key, [])), "placed": placements.get(key, []),
+                    "labels": r.cluster.reg.get("settings", {}).get(SELECTOR_PREFIX + key) or {}})
     return json_response({"models": out})
 
 
@@ -122,6 +124,10 @@ async def scale_model(request: web.Request) -> web.Response:
         raise ApiError(400, "expected {\"model\": NAME, \"replicas\": N}")
     if isinstance(replicas, bool) or not isinstance(replicas, int) or not 0 <= replicas <= 64:
         raise ApiError(400, "'replicas' must be an integer from 0 to 64")
+    selector = body.get("labels")
+    if selector is not None and (not isinstance(selector, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in selector.items())):
+        raise ApiError(400, "'labels' must be an object of string node labels the replicas require")
     key = model_key(name)
     tag = next((t for t in await cluster_tags(request) if model_key(t["name"]) == key), None)
     if tag is None:
@@ -129,10 +135,14 @@ async def scale_model(request: web.Request) -> web.Response:
     digest = str(tag.get("digest", ""))
     info = {"digest": digest if digest.startswith("sha256:") else f"sha256:{digest}",
             "size": int(tag.get("size") or 0), "desired_replicas": replicas}
+    if selector is not None:  # {} clears it
+        skey = SELECTOR_PREFIX + key
+        if selector or skey in r.cluster.reg.get("settings", {}):
+            await r.cluster.registry_write("set_setting", skey, selector or None)
     res = await r.cluster.registry_write("put_model", key, info)
     r.cluster.reg.setdefault("models", {})[key] = {**info, "version": res.get("version")}
     r.events.publish("model.scaled", model=key, replicas=replicas)
-    return json_response({"model": key, "replicas": replicas, **res})
+    return json_response({"model": key, "replicas": replicas, "labels": selector or {}, **res})
 
 
 async def transfer_leader(request: web.Request) -> web.Response:

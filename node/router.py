@@ -168,6 +168,8 @@ class Router:
         self.ttft_ms: deque[float] = deque(maxlen=1024)
         self.finished: deque[tuple[float, int, float]] = deque(maxlen=4096)  # (t, tokens, seconds)
         self._tasks: list[asyncio.Task[None]] = []
+        self._holders: dict[str, list[Any]] = {}
+        self._holders_at = -1.0
 
     # ---- lifetime ---------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -229,14 +231,12 @@ class Router:
         key = model_key(raw_model)
         out: list[Target] = []
         local = self._local_target(key, has_local)
-        me = self.cluster.id
-        for m in self._members():
+        holders = self._holders_index().get(key)
+        if not holders and not has_local:  # a model nobody held a moment ago may have just appeared
+            holders = self._holders_index(fresh=True).get(key)
+        for m in holders or ():
             meta = m.meta or {}
-            if m.id == me or m.state != "alive" or not meta.get("api"):
-                continue
             if meta.get("cordoned") or meta.get("draining"):
-                continue
-            if key not in (meta.get("have") or []):
                 continue
             if not self.breaker(m.id).allows():
                 continue
@@ -249,6 +249,21 @@ class Router:
                 out.append(Target(ext.url, ext.url, "external", None, None, key in ext.loaded,
                                   self.stat(ext.url).outstanding / 4))
         return self._order(out, local, prefix)
+
+    def _holders_index(self, fresh: bool = False) -> dict[str, list[Any]]:
+        """Live peers by model they hold, rebuilt at most every 250 ms: a request looks at the model's holders,
+        not at every member (gossip is only eventually consistent anyway; our own outstanding counts are live)."""
+        now = time.monotonic()
+        if now - self._holders_at > (0.05 if fresh else 0.25):
+            idx: dict[str, list[Any]] = {}
+            me = self.cluster.id
+            for m in self._members():
+                meta = m.meta or {}
+                if m.id != me and m.state == "alive" and meta.get("api"):
+                    for key in meta.get("have") or ():
+                        idx.setdefault(key, []).append(m)
+            self._holders, self._holders_at = idx, now
+        return self._holders
 
     def _order(self, peers: list[Target], local: Target | None, prefix: str) -> list[Target]:
         region = self.cfg.region
@@ -537,9 +552,25 @@ class Router:
 
     def holders(self, raw_model: str) -> list[Target]:
         key = model_key(raw_model)
-        return [t for t in self.peers() if key in (self._meta(t.id).get("have") or [])]
+        return [t for t in self.peers() if key in (self.meta_of(t.id).get("have") or [])]
 
-    def _meta(self, nid: str) -> dict[str, Any]:
+    def covering(self, field_name: str) -> list[Target]:
+        """The fewest peers whose gossip `field_name` lists (have / models) cover every name any peer lists:
+        a cluster-wide listing asks these, not every node (10,000 nodes must not mean 10,000 calls)."""
+        peers = self.peers()
+        names: dict[str, set[str]] = {t.id: set(self.meta_of(t.id).get(field_name) or []) for t in peers}
+        missing = set().union(*names.values()) if names else set()
+        chosen: list[Target] = []
+        while missing:
+            best = max(peers, key=lambda t: len(names[t.id] & missing))
+            gain = names[best.id] & missing
+            if not gain:
+                break
+            chosen.append(best)
+            missing -= gain
+        return chosen
+
+    def meta_of(self, nid: str) -> dict[str, Any]:
         swim = self.cluster.swim
         m = swim.get(nid) if swim is not None else None
         return dict(m.meta or {}) if m is not None else {}
@@ -578,7 +609,7 @@ class Router:
     async def _probe_breakers(self) -> None:
         due = [tid for tid, b in self.breakers.items() if b.probe_due()]
         for tid in due:
-            url = tid if tid in self.externals else self._meta(tid).get("api")
+            url = tid if tid in self.externals else self.meta_of(tid).get("api")
             b = self.breakers[tid]
             if not url:
                 continue

@@ -29,6 +29,7 @@ from omx.protocols.api import ApiError
 
 log = logging.getLogger("omx.scheduler")
 
+SELECTOR_PREFIX = "placement.selector."  # registry setting per model: node labels its replicas require
 MEMORY_HEADROOM = 1.2  # weights plus KV cache and activations, as a factor of the model's size on disk
 
 
@@ -52,16 +53,22 @@ def place(snapshot: dict[str, Any], members: list[dict[str, Any]], region: str) 
         alive[m["id"]] = meta
     load = Counter(n for ns in placements.values() for n in ns if n in alive)
     changes: dict[str, list[str]] = {}
+    settings = snapshot.get("settings", {})
     for key in sorted(snapshot.get("models", {})):
         rec = snapshot["models"][key]
         desired = int(rec.get("desired_replicas", 0))
+        selector = settings.get(SELECTOR_PREFIX + key) or {}
         need = int(rec.get("size", 0)) * MEMORY_HEADROOM
         current = list(placements.get(key, []))
         held = any(key in ((m.get("meta") or {}).get("have") or []) for m in members if m.get("state") == "alive")
 
-        def fits(nid: str, key: str = key, need: float = need, held: bool = held) -> bool:
+        def fits(nid: str, key: str = key, need: float = need, held: bool = held,
+                 selector: dict[str, str] = selector) -> bool:
             meta = alive[nid]
             if key in (meta.get("load_failed") or []):
+                return False
+            labels = nodes.get(nid, {}).get("labels") or {}
+            if any(labels.get(k) != v for k, v in selector.items()):
                 return False
             if key not in (meta.get("have") or []) and not held:
                 return False

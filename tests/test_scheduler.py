@@ -75,3 +75,11 @@ def test_ten_thousand_nodes_one_round() -> None:
     ms = [member(n, ["a:latest"]) for n in nodes]
     out = place(snap({"a:latest": 50}, nodes=nodes), ms, "r1")
     assert len(set(out["a:latest"])) == 50
+
+
+def test_label_selector_limits_placement() -> None:
+    nodes = {"n1": {"labels": {"gpu": "h100"}}, "n2": {"labels": {"gpu": "a10"}}, "n3": {}}
+    ms = [member(n, ["a:latest"]) for n in nodes]
+    s = snap({"a:latest": 2}, nodes=nodes)
+    s["settings"] = {"placement.selector.a:latest": {"gpu": "h100"}}
+    assert place(s, ms, "r1") == {"a:latest": ["n1"]}  # only one node matches: one replica, not a wrong one
