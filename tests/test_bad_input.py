@@ -17,7 +17,8 @@ JSON_ROUTES = [
     ("POST", "/api/generate"), ("POST", "/api/chat"), ("POST", "/api/embed"), ("POST", "/api/embeddings"),
     ("POST", "/api/show"), ("POST", "/api/copy"), ("DELETE", "/api/delete"), ("POST", "/api/create"),
     ("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("POST", "/v1/embeddings"),
-    ("PUT", "/api/v1/nodes/no-such-node/labels"),
+    ("PUT", "/api/v1/nodes/no-such-node/labels"), ("POST", "/api/v1/proxy/instances"),
+    ("POST", "/api/v1/models/scale"), ("POST", "/api/pull"), ("POST", "/api/push"),
 ]
 
 
@@ -185,3 +186,31 @@ def test_random_bodies_never_break_the_node(node, route: tuple[str, str], body: 
         if path != "/api/create":
             assert _snapshot(node)[0] == before[0]
         assert c.get("/api/version").status_code == 200
+
+
+@pytest.mark.parametrize(("path", "body", "needle"), [
+    ("/api/v1/proxy/instances", {"url": "ftp://example.com"}, "base URL"),
+    ("/api/v1/proxy/instances", {"url": "http://127.0.0.1:99999"}, "invalid port"),
+    ("/api/v1/proxy/instances", {"url": "http://h:1/path"}, "base URL"),
+    ("/api/v1/proxy/instances", {"url": 7}, "expected"),
+    ("/api/v1/models/scale", {"model": 5, "replicas": 1}, "expected"),
+    ("/api/v1/models/scale", {"model": "omx-tiny", "replicas": -1}, "replicas"),
+    ("/api/v1/models/scale", {"model": "omx-tiny", "replicas": True}, "replicas"),
+    ("/api/v1/models/scale", {"model": "omx-tiny", "replicas": 1, "labels": [1]}, "labels"),
+    ("/api/v1/cluster/leader/transfer", {"to": 5}, "must be strings"),
+    ("/api/v1/cluster/leader/transfer", {"to": "n-nobody"}, "not a Raft voter"),
+])
+def test_management_routes_reject_bad_values(node, path: str, body: dict, needle: str) -> None:
+    with node.client() as c:
+        r = c.post(path, json=body)
+        assert r.status_code == 400 and needle in _err(r), r.text
+        assert c.get("/api/version").status_code == 200
+
+
+def test_routed_header_without_credentials_is_refused(node) -> None:
+    with node.client() as c:
+        r = c.post("/api/generate", json={"model": "omx-tiny", "prompt": "x"}, headers={"X-Omx-Routed": "x",
+                                                                                        "Authorization": "Bearer no"})
+        assert r.status_code == 403 and "credentials" in _err(r)
+        r = c.get("/api/v1/internal/blobs/sha256:" + "0" * 64)
+        assert r.status_code == 403
