@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from omx.protocols.swim import ALIVE, DEAD, LEFT, Codec, Member, SimNetwork, SwimConfig
-from omx.protocols.swim.codec import ACK, GOSSIP, PING, PUSH_PULL, key_id
-from omx.protocols.swim.core import remaining_suspicion, retransmit_limit, suspicion_timeout
+from omx.protocols.swim.codec import ACK, GOSSIP, PING, PUSH_PULL, SUSPECT, key_id, update_blob, update_size
+from omx.protocols.swim.core import BroadcastQueue, remaining_suspicion, retransmit_limit, suspicion_timeout
 
 pytestmark = pytest.mark.timeout(60)
 KEY = bytes(range(32))
@@ -141,6 +141,47 @@ def test_dead_members_are_reaped():
     assert len(_events_about(net, ids[1], "reaped")) == 9
 
 
+def test_alive_count_matches_a_full_scan():
+    """``num_alive`` is what the benchmark polls: it must equal the scan through every kind of change."""
+    net, ids = _cluster(12, seed=11, config=SwimConfig(dead_reap_after=10.0))
+    for i in net.add_nodes(3, config=SwimConfig(dead_reap_after=10.0)):  # extras, beside the shared base
+        net.join(i, ids[0])
+
+    def check() -> None:
+        for n in net.nodes:
+            if n.alive:
+                assert n.core.num_alive == sum(1 for m in n.core.members() if m.state == ALIVE), n.id
+
+    net.run_until(5)
+    check()
+    net.kill(ids[3])
+    net.core(ids[4]).leave(net.now)
+    for _ in range(12):  # through suspect, dead, left and reaped
+        net.run_for(4.0)
+        check()
+    assert net.core(ids[0]).num_alive == 13
+
+
+def test_broadcast_queue_sends_each_update_limit_times_within_budget():
+    q = BroadcastQueue()
+    sizes = {f"k{i}": 30 + (i * 7) % 50 for i in range(60)}
+    for k, size in sizes.items():
+        q.push(k, (k, "x"), size)  # type: ignore[arg-type]
+    q.push("k5", ("k5", "newer"), sizes["k5"])  # replaces the queued one
+    first = q.take(300, 3)
+    assert first[0] == ("k5", "newer")  # newest first
+    assert sum(sizes[k] for k, _ in first) <= 300
+    sent: dict[str, int] = {}
+    for k, _ in first:
+        sent[k] = sent.get(k, 0) + 1
+    while q:
+        got = q.take(300, 3)
+        assert got and sum(sizes[k] for k, _ in got) <= 300
+        for k, _ in got:
+            sent[k] = sent.get(k, 0) + 1
+    assert sent == dict.fromkeys(sizes, 3)
+
+
 def test_metadata_change_converges_and_is_size_limited():
     net, ids = _cluster(25, seed=9, meta={"region": "eu", "load": 0})
     net.run_until(3)
@@ -204,6 +245,31 @@ def test_codec_roundtrip_encrypted():
     assert sender == "a" and got == msg
     pp = (PUSH_PULL, "a", True, [_member("x"), _member("y")._replace(state=DEAD)])
     assert b.decode(a.encode(pp), stream=True)[1][3][1].state == DEAD
+
+
+def test_alive_update_is_its_push_pull_record_and_from_defaults_to_the_member():
+    a, b = Codec("a", KEY), Codec("b", KEY)
+    m = _member("x")
+    assert update_blob(m, "x") == msgpack.packb({"k": 0, "i": "x", "n": 3, "h": "10.0.0.1", "p": 7946, "v": 2,
+                                                "m": {"role": "worker"}})
+    assert update_size(m, "x") == len(update_blob(m, "x")) + 2  # a bin8 on the wire
+    sus = m._replace(state=SUSPECT)
+    got = b.decode(a.encode((GOSSIP, [(m, "x"), (sus, "a")])))[1][1]
+    assert got == [(m, "x"), (sus._replace(meta=None), "a")]  # meta only travels with alive
+    assert b.decode(a.encode((PUSH_PULL, "a", False, [m])), stream=True)[1][3] == [m]
+
+
+@pytest.mark.parametrize("record", [
+    b"\xc1",  # not msgpack
+    msgpack.packb({"k": 0, "i": "x", "n": 1, "h": "h", "p": 1}) + b"\x00",  # trailing bytes
+    msgpack.packb([1, 2]),
+    msgpack.packb({"k": 0, "i": "x", "n": 1, "h": "h", "p": 1, "f": 7}),
+    msgpack.ExtType(1, b"x"),
+])
+def test_bad_records_inside_a_packet_are_schema_drops(record):
+    b = Codec("b", KEY)
+    assert b.decode(_seal({"t": GOSSIP, "u": [record]})) is None
+    assert b.drops["schema"] + b.drops["decode"] == 1
 
 
 def test_codec_drops_and_counts_bad_packets():

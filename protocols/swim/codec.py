@@ -9,6 +9,13 @@ used on the wire so that fields a newer version adds are simply ignored by older
 Frame layout: ``version(1) | key_id(1) | nonce(12) | ChaCha20-Poly1305(plaintext, aad=first 2 bytes)``;
 with ``key=None`` (explicitly insecure) ``key_id`` is 0 and the plaintext follows directly.
 Plaintext: msgpack map ``{"f": sender id, "c": packet counter, "w": wall-clock ms, "b": body}``.
+Member records inside a body (piggybacked updates ``u``, push-pull state ``m``) are each a msgpack
+``bin`` holding one packed record map, like memberlist's compound messages: the same update goes
+out ~λ·log N times and each member receives it about as often, so both ends handle it as one
+opaque, cached byte string and only a record never seen before is unpacked and validated. An
+update's ``f`` (who vouches for it) is left out when it is the member itself, as for every alive
+update: such an update is then byte for byte the member's push-pull record, and one cache entry
+serves both.
 """
 
 from __future__ import annotations
@@ -44,10 +51,20 @@ MAX_ID_LEN = 128
 MAX_HOST_LEN = 253
 _U32 = 0xFFFFFFFF
 _U63 = (1 << 63) - 1
-_BLOB_CACHE = 2048  # cached packed updates per codec and direction (cleared when exceeded)
-_BLOB_MAX = 2560  # larger received updates (big metadata) are not cached: bounds the cache to ~5 MB
-_K_W, _K_B, _K_U, _K_M = msgpack.packb("w"), msgpack.packb("b"), msgpack.packb("u"), msgpack.packb("m")
-_ARRAY_HEADER = msgpack.Packer().pack_array_header
+_BLOB_CACHE = 2048  # packed non-alive push-pull records cached per codec (cleared when exceeded)
+_RECORD_CACHE = 16384  # entries of each process-wide record cache below (cleared when exceeded)
+_BLOB_MAX = 2560  # larger received records (big metadata) are not cached: bounds those caches to ~40 MB each
+
+# Each queued update goes out ~λ·log N times and each member receives it about as often, so records
+# are packed and validated once, then reused by their bytes (memberlist too keeps broadcasts encoded):
+# _PACKED: id(record) → (record, from, bytes); _SEEN: received bytes → validated (record, from).
+# Both are pure functions (validation runs only after the packet passed its own codec's AEAD, size,
+# replay and envelope checks), so all codecs in a process share them: with one member per process,
+# as deployed, they are that member's caches; with many (tests, the simulator on the wire, the
+# benchmark) a record is packed and checked once per process rather than once per member, which
+# would otherwise be N² work on one CPU. A received record also primes _PACKED with its own bytes.
+_PACKED: dict[int, tuple[Member, str, bytes]] = {}
+_SEEN: dict[bytes, tuple[Member, str]] = {}
 
 
 class Member(NamedTuple):
@@ -92,26 +109,35 @@ def member_to_wire(m: Member, frm: str | None = None, *, with_meta: bool = True)
     return d
 
 
+def bin_size(n: int) -> int:
+    """Bytes a msgpack ``bin`` of ``n`` bytes takes on the wire, header included."""
+    return n + (2 if n < 0x100 else 3 if n < 0x10000 else 5)
+
+
+def update_blob(m: Member, frm: str) -> bytes:
+    """One piggybacked update, packed (meta only travels with ``alive``; ``f`` only when not the member)."""
+    return msgpack.packb(member_to_wire(m, None if frm == m.id else frm, with_meta=m.state == ALIVE))
+
+
+def packed_update(m: Member, frm: str) -> bytes:
+    """:func:`update_blob` through the process-wide cache (keyed by the record object)."""
+    hit = _PACKED.get(id(m))
+    if hit is not None and hit[0] is m and hit[1] == frm:
+        return hit[2]
+    blob = update_blob(m, frm)
+    if len(_PACKED) > _RECORD_CACHE:
+        _PACKED.clear()
+    _PACKED[id(m)] = (m, frm, blob)
+    return blob
+
+
 def update_size(m: Member, frm: str) -> int:
-    """Encoded size of one piggybacked update (meta only travels with ``alive``)."""
-    return packed_size(member_to_wire(m, frm, with_meta=m.state == ALIVE))
+    """Wire size of one piggybacked update inside a packet (packing it for sending, too)."""
+    return bin_size(len(packed_update(m, frm)))
 
 
-def msg_to_wire(msg: tuple) -> dict[str, Any]:
-    t = msg[0]
-    if t in UDP_TYPES:
-        d = _udp_head(msg)
-        d["u"] = _updates_to_wire(msg[-1])
-        return d
-    if t == PUSH_PULL:
-        return {"t": t, "o": msg[1], "j": msg[2], "m": [member_to_wire(m) for m in msg[3]]}
-    if t == PUSH_PULL_REPLY:
-        return {"t": t, "o": msg[1], "m": [member_to_wire(m) for m in msg[2]]}
-    raise ValueError(f"unknown message type {t!r}")
-
-
-def _udp_head(msg: tuple) -> dict[str, Any]:
-    """A datagram message's fields except its updates ``u``, which always come last on the wire."""
+def _head(msg: tuple) -> dict[str, Any]:
+    """A message's fields except its records (``u`` or ``m``), which always come last on the wire."""
     t = msg[0]
     if t == PING:
         return {"t": t, "s": msg[1], "g": msg[2]}
@@ -119,11 +145,13 @@ def _udp_head(msg: tuple) -> dict[str, Any]:
         return {"t": t, "s": msg[1]}
     if t == PING_REQ:
         return {"t": t, "s": msg[1], "g": msg[2], "h": msg[3], "p": msg[4]}
-    return {"t": t}
-
-
-def _updates_to_wire(ups: Sequence[tuple[Member, str]]) -> list[dict[str, Any]]:
-    return [member_to_wire(m, f, with_meta=m.state == ALIVE) for m, f in ups]
+    if t == GOSSIP:
+        return {"t": t}
+    if t == PUSH_PULL:
+        return {"t": t, "o": msg[1], "j": msg[2]}
+    if t == PUSH_PULL_REPLY:
+        return {"t": t, "o": msg[1]}
+    raise ValueError(f"unknown message type {t!r}")
 
 
 # --------------------------------------------------------------------------- from wire (schema)
@@ -147,8 +175,9 @@ def _map(v: object) -> dict:
     return v
 
 
-def member_from_wire(d: object, *, need_from: bool = False) -> tuple[Member, str | None]:
-    # One flat function: this runs for every update of every packet (the hottest path under load).
+def member_from_wire(d: object) -> tuple[Member, str]:
+    """A validated record and who vouches for it (``f``; the member itself when absent)."""
+    # One flat function: it runs for every record this node has not seen before.
     if type(d) is not dict:
         raise SchemaError("expected map")
     get = d.get
@@ -170,54 +199,22 @@ def member_from_wire(d: object, *, need_from: bool = False) -> tuple[Member, str
                 raise SchemaError("bad string")
     elif k == 0:
         meta = {}
-    if (frm is not None or need_from) and (type(frm) is not str or not 0 < len(frm) <= MAX_ID_LEN):
+    if frm is None:
+        frm = mid
+    elif type(frm) is not str or not 0 < len(frm) <= MAX_ID_LEN:
         raise SchemaError("bad string")
     return Member(mid, host, port, inc, state, meta, ver), frm
 
 
-def _updates_from_wire(v: object) -> list[tuple[Member, str]]:
-    if type(v) is not list:
-        raise SchemaError("expected list")
-    return [member_from_wire(d, need_from=True) for d in v]  # type: ignore[misc]
-
-
-class _Validated(list):  # type: ignore[type-arg]
-    """A member list the codec's fast path has already validated record by record."""
-
-
-def _members_from_wire(v: object) -> list[Member]:
-    if type(v) is _Validated:
-        return list(v)
-    if type(v) is not list:
-        raise SchemaError("expected list")
-    return [member_from_wire(d)[0] for d in v]
-
-
-def msg_from_wire(d: object, ups: list[tuple[Member, str]] | None = None) -> tuple:
-    """Validate a decoded body and build the core tuple; unknown fields are ignored.
-
-    ``ups``: the body's updates, already validated one by one (the codec's fast path).
-    """
-    d = _map(d)
-    t = _int(d.get("t"), 1, 255)
-    if t == PING:
-        return (t, _int(d.get("s"), 0, _U32), _str(d.get("g"), MAX_ID_LEN),
-                _updates_from_wire(d.get("u", [])) if ups is None else ups)
-    if t in (ACK, NACK):
-        return (t, _int(d.get("s"), 0, _U32), _updates_from_wire(d.get("u", [])) if ups is None else ups)
-    if t == PING_REQ:
-        return (t, _int(d.get("s"), 0, _U32), _str(d.get("g"), MAX_ID_LEN), _str(d.get("h"), MAX_HOST_LEN),
-                _int(d.get("p"), 0, 65535), _updates_from_wire(d.get("u", [])) if ups is None else ups)
-    if t == GOSSIP:
-        return (t, _updates_from_wire(d.get("u")) if ups is None else ups)
-    if t == PUSH_PULL:
-        j = d.get("j", False)
-        if type(j) is not bool:
-            raise SchemaError("bad join flag")
-        return (t, _str(d.get("o"), MAX_ID_LEN), j, _members_from_wire(d.get("m")))
-    if t == PUSH_PULL_REPLY:
-        return (t, _str(d.get("o"), MAX_ID_LEN), _members_from_wire(d.get("m")))
-    raise SchemaError(f"unknown message type {t}")
+def record_from_wire(blob: object) -> tuple[Member, str]:
+    """One record as it sits in a packet: a ``bin`` holding a packed member map."""
+    if type(blob) is not bytes:
+        raise SchemaError("expected a packed record")
+    try:
+        d = msgpack.unpackb(blob, raw=False, strict_map_key=True, ext_hook=_no_ext)
+    except Exception as e:
+        raise SchemaError("bad record") from e
+    return member_from_wire(d)
 
 
 def _no_ext(code: int, data: bytes) -> object:
@@ -291,15 +288,8 @@ class Codec:
         self.drops: Counter[str] = Counter()
         self.accepted = 0
         self.last_drop = ""
-        # Each queued update goes out ~λ·log N times and each member receives it about as often, so
-        # both directions cache it by its bytes (memberlist also keeps broadcasts pre-encoded):
-        # sent: id(update tuple) → (tuple, packed bytes); received: packed bytes → validated update.
-        # Push-pull member lists likewise, per member record.
-        self._sent_blobs: dict[int, tuple[Any, bytes]] = {}
-        self._seen_blobs: dict[bytes, Any] = {}
-        self._sent_members: dict[int, tuple[Any, bytes]] = {}
-        self._seen_members: dict[bytes, Any] = {}
-        self._env_head = b"\x84" + msgpack.packb("f") + msgpack.packb(node_id) + msgpack.packb("c")
+        self._sent_members: dict[int, tuple[Member, bytes]] = {}  # non-alive push-pull records (with meta)
+        self._pack = msgpack.Packer().pack
 
     @property
     def encrypted(self) -> bool:
@@ -307,10 +297,15 @@ class Codec:
 
     def encode(self, msg: tuple) -> bytes:
         self._counter += 1
-        # Byte for byte what packb({"f": id, "c": counter, "w": wall ms, "b": msg_to_wire(msg)}) gives,
-        # but with each update's packed bytes reused from the cache.
-        plain = b"".join((self._env_head, msgpack.packb(self._counter), _K_W, msgpack.packb(int(self._clock() * 1000)),
-                          _K_B, self._body(msg)))
+        body = _head(msg)
+        if msg[0] in UDP_TYPES:
+            # packed_update's cache hit, inlined: this runs for every update of every packet sent.
+            get = _PACKED.get
+            body["u"] = [hit[2] if (hit := get(id(m))) is not None and hit[0] is m and hit[1] == f
+                         else packed_update(m, f) for m, f in msg[-1]]
+        else:
+            body["m"] = list(map(self._member_bytes, msg[-1]))
+        plain = self._pack({"f": self.node_id, "c": self._counter, "w": int(self._clock() * 1000), "b": body})
         if not self._aeads:
             return bytes((WIRE_VERSION, 0)) + plain
         kid, aead = self._aeads[0]
@@ -318,86 +313,65 @@ class Codec:
         nonce = os.urandom(NONCE_LEN)
         return head + nonce + aead.encrypt(nonce, plain, head)
 
-    def _body(self, msg: tuple) -> bytes:
-        t = msg[0]
-        if t in UDP_TYPES:
-            head, key, items, cache = _udp_head(msg), _K_U, msg[-1], self._sent_blobs
-        elif t == PUSH_PULL:
-            head, key, items, cache = {"t": t, "o": msg[1], "j": msg[2]}, _K_M, msg[3], self._sent_members
-        elif t == PUSH_PULL_REPLY:
-            head, key, items, cache = {"t": t, "o": msg[1]}, _K_M, msg[2], self._sent_members
-        else:
-            raise ValueError(f"unknown message type {t!r}")
-        packed = msgpack.packb(head)  # a fixmap of at most 5 fields: one more for the list, which comes last
-        if len(cache) > _BLOB_CACHE:
-            cache.clear()
-        parts = [bytes((packed[0] + 1,)), packed[1:], key, _ARRAY_HEADER(len(items))]
-        for it in items:
-            hit = cache.get(id(it))
-            if hit is None or hit[0] is not it:
-                if key is _K_U:
-                    m, f = it
-                    blob = msgpack.packb(member_to_wire(m, f, with_meta=m.state == ALIVE))
-                else:
-                    blob = msgpack.packb(member_to_wire(it))
-                hit = cache[id(it)] = (it, blob)
-            parts.append(hit[1])
-        return b"".join(parts)
+    def _member_bytes(self, m: Member) -> bytes:
+        if m.state == ALIVE:
+            return packed_update(m, m.id)  # the same bytes as its self-vouched update
+        hit = self._sent_members.get(id(m))
+        if hit is not None and hit[0] is m:
+            return hit[1]
+        blob = self._pack(member_to_wire(m))
+        if len(self._sent_members) > _BLOB_CACHE:
+            self._sent_members.clear()
+        self._sent_members[id(m)] = (m, blob)
+        return blob
 
-    def _fast_msg(self, plain: bytes) -> tuple[str, int, int, tuple] | None:
-        """Decode the common shape with each update looked up by its bytes; ``None`` → take the slow path.
+    def _records(self, v: object) -> list[tuple[Member, str]]:
+        if type(v) is not list:
+            raise SchemaError("expected list")
+        seen = _SEEN
+        try:
+            return [seen[b] for b in v]  # only bytes keys are cached, so only a bytes ``b`` can hit
+        except (KeyError, TypeError):
+            pass
+        if len(seen) > _RECORD_CACHE:
+            seen.clear()
+        if len(_PACKED) > _RECORD_CACHE:
+            _PACKED.clear()
+        out = []
+        for b in v:
+            hit = seen.get(b) if type(b) is bytes else None
+            if hit is None:
+                hit = record_from_wire(b)
+                if len(b) <= _BLOB_MAX:
+                    seen[b] = hit
+                    if hit[0].state == ALIVE and hit[1] == hit[0].id:
+                        # Relaying it (alive updates are relayed as they are) then sends these same bytes.
+                        _PACKED[id(hit[0])] = (hit[0], hit[1], b)
+            out.append(hit)
+        return out
 
-        It accepts exactly what the slow path accepts (each update is unpacked and validated the same
-        way the first time its bytes are seen); anything unusual — a repeated key, an unexpected
-        type, trailing bytes — is left to the slow path, which also classifies the drop.
-        """
-        up = msgpack.Unpacker(None, raw=False, strict_map_key=True, ext_hook=_no_ext, max_buffer_size=len(plain))
-        up.feed(plain)
-        env: dict[str, Any] = {}
-        body: dict[str, Any] | None = None
-        ups: list[Any] | None = None
-        for _ in range(up.read_map_header()):
-            k = up.unpack()
-            if type(k) is not str or k in env:
-                return None
-            if k != "b":
-                env[k] = up.unpack()
-                continue
-            env[k] = body = {}
-            for _ in range(up.read_map_header()):
-                bk = up.unpack()
-                if type(bk) is not str or bk in body:
-                    return None
-                if bk not in ("u", "m"):
-                    body[bk] = up.unpack()
-                    continue
-                is_u = bk == "u"
-                body[bk] = items = []
-                seen = self._seen_blobs if is_u else self._seen_members
-                if len(seen) > _BLOB_CACHE:
-                    seen.clear()
-                for _ in range(up.read_array_header()):
-                    start = up.tell()
-                    up.skip()
-                    blob = plain[start:up.tell()]
-                    hit = seen.get(blob)
-                    if hit is None:
-                        d = msgpack.unpackb(blob, raw=False, strict_map_key=True, ext_hook=_no_ext)
-                        hit = member_from_wire(d, need_from=True) if is_u else member_from_wire(d)[0]
-                        if len(blob) <= _BLOB_MAX:
-                            seen[blob] = hit
-                    items.append(hit)
-                if is_u:
-                    ups = items
-                else:
-                    body[bk] = _Validated(items)
-        if up.tell() != len(plain) or body is None:
-            return None
-        sender, counter, wall = env.get("f"), env.get("c"), env.get("w")
-        if (type(sender) is not str or not 0 < len(sender) <= MAX_ID_LEN or type(counter) is not int
-                or not 0 <= counter <= _U63 or type(wall) is not int or not 0 <= wall <= _U63):
-            return None
-        return sender, counter, wall, msg_from_wire(body, ups)
+    def _msg(self, d: object) -> tuple:
+        """Validate a decoded body and build the core tuple; unknown fields are ignored."""
+        d = _map(d)
+        get = d.get
+        t = _int(get("t"), 1, 255)
+        if t == PING:
+            return (t, _int(get("s"), 0, _U32), _str(get("g"), MAX_ID_LEN), self._records(get("u", [])))
+        if t in (ACK, NACK):
+            return (t, _int(get("s"), 0, _U32), self._records(get("u", [])))
+        if t == PING_REQ:
+            return (t, _int(get("s"), 0, _U32), _str(get("g"), MAX_ID_LEN), _str(get("h"), MAX_HOST_LEN),
+                    _int(get("p"), 0, 65535), self._records(get("u", [])))
+        if t == GOSSIP:
+            return (t, self._records(get("u")))
+        if t == PUSH_PULL:
+            j = get("j", False)
+            if type(j) is not bool:
+                raise SchemaError("bad join flag")
+            return (t, _str(get("o"), MAX_ID_LEN), j, [m for m, _ in self._records(get("m"))])
+        if t == PUSH_PULL_REPLY:
+            return (t, _str(get("o"), MAX_ID_LEN), [m for m, _ in self._records(get("m"))])
+        raise SchemaError(f"unknown message type {t}")
 
     def _drop(self, reason: str) -> None:
         self.drops[reason] += 1
@@ -427,24 +401,17 @@ class Codec:
             if plain is None:
                 return self._drop("key")
         try:
-            fast = self._fast_msg(plain)
+            env = msgpack.unpackb(plain, raw=False, strict_map_key=True, ext_hook=_no_ext)
         except Exception:
-            fast = None
-        if fast is not None:
-            sender, counter, wall, msg = fast
-        else:
-            try:
-                env = msgpack.unpackb(plain, raw=False, strict_map_key=True, ext_hook=_no_ext)
-            except Exception:
-                return self._drop("decode")
-            try:
-                env = _map(env)
-                sender = _str(env.get("f"), MAX_ID_LEN)
-                counter = _int(env.get("c"), 0, _U63)
-                wall = _int(env.get("w"), 0, _U63)
-                msg = msg_from_wire(env.get("b"))
-            except SchemaError:
-                return self._drop("schema")
+            return self._drop("decode")
+        try:
+            env = _map(env)
+            sender = _str(env.get("f"), MAX_ID_LEN)
+            counter = _int(env.get("c"), 0, _U63)
+            wall = _int(env.get("w"), 0, _U63)
+            msg = self._msg(env.get("b"))
+        except SchemaError:
+            return self._drop("schema")
         if (msg[0] in STREAM_TYPES) != stream:
             return self._drop("schema")
         if abs(wall / 1000.0 - self._clock()) > self.max_skew:

@@ -48,6 +48,7 @@ JOINED, EV_SUSPECT, EV_ALIVE, EV_DEAD, EV_LEFT, META_UPDATED, REAPED = (
 _T_PROBE, _T_PROBE_TIMEOUT, _T_RELAY_TIMEOUT, _T_SUSPECT, _T_GOSSIP, _T_PUSH_PULL, _T_REAP, _T_SYNC = range(8)
 _MISS = object()
 _UPDATE_OF = itemgetter(2)  # a BroadcastQueue item's update
+_SIZE_OF = itemgetter(3)  # and its encoded size
 _MIN_UPDATE = 24  # smaller than any encoded update: stop filling a packet below this
 
 
@@ -114,11 +115,12 @@ def retransmit_limit(mult: int, n: int) -> int:
 class BaseTable:
     """A read-only set of member records that many (simulated) nodes share copy-on-write."""
 
-    __slots__ = ("ids", "recs")
+    __slots__ = ("alive", "ids", "recs")
 
     def __init__(self, members: list[Member]) -> None:
         self.recs: dict[str, Member] = {m.id: m for m in members}
         self.ids: list[str] = list(self.recs)
+        self.alive = sum(1 for m in self.recs.values() if m.state == ALIVE)
 
 
 class MemberTable:
@@ -126,10 +128,12 @@ class MemberTable:
 
     Records are addressable by index ``0..size()-1`` (base ids, then extra ids) so probe
     order and random peer choice need no per-node list. Removed base members leave a ``None``
-    in the overlay; removed extras are swap-deleted, so ``size()`` may shrink.
+    in the overlay; removed extras are swap-deleted, so ``size()`` may shrink. ``live`` counts
+    present records and ``alive`` those in state alive, kept on every write so that "does this
+    node see everyone alive?" is O(1) instead of a scan.
     """
 
-    __slots__ = ("_bids", "_brecs", "_extra", "_extra_pos", "_over", "live")
+    __slots__ = ("_bids", "_brecs", "_extra", "_extra_pos", "_over", "alive", "live")
 
     def __init__(self, base: BaseTable | None = None) -> None:
         self._brecs: dict[str, Member] = base.recs if base else {}
@@ -138,6 +142,7 @@ class MemberTable:
         self._extra: list[str] = []
         self._extra_pos: dict[str, int] = {}
         self.live = len(self._bids)
+        self.alive = base.alive if base else 0
 
     def get(self, mid: str) -> Member | None:
         r = self._over.get(mid, _MISS)
@@ -149,15 +154,20 @@ class MemberTable:
         mid = rec.id
         cur = self._over.get(mid, _MISS)
         if cur is _MISS:
-            if mid not in self._brecs:
+            cur = self._brecs.get(mid)
+            if cur is None:
                 self._extra_pos[mid] = len(self._extra)
                 self._extra.append(mid)
                 self.live += 1
         elif cur is None:
             self.live += 1
         self._over[mid] = rec
+        self.alive += (rec.state == ALIVE) - (cur is not None and cur.state == ALIVE)
 
     def remove(self, mid: str) -> None:
+        cur = self.get(mid)
+        if cur is not None and cur.state == ALIVE:
+            self.alive -= 1
         if mid in self._brecs:
             self._over[mid] = None
         else:
@@ -199,7 +209,7 @@ class BroadcastQueue:
 
     Items sit in one bucket per transmit count, each bucket sorted by age (newest last), so a
     take walks buckets upward and each bucket from its end. A newer update for a member
-    replaces the queued one at once. Item: ``[seq, key, update, size, transmits]``.
+    replaces the queued one at once. Item: ``[seq, key, update, size]``.
     """
 
     __slots__ = ("_buckets", "_live", "_seq", "_sizes")
@@ -218,12 +228,17 @@ class BroadcastQueue:
 
     def push(self, key: str, update: tuple[Member, str], size: int) -> None:
         self._seq += 1
-        item = [self._seq, key, update, size, 0]
+        item = [self._seq, key, update, size]
         sizes = self._sizes
         old = self._live.get(key)
         if old is not None:
-            b = self._buckets[old[4]]
-            del b[bisect_left(b, old)]  # seq numbers are unique, so this finds exactly ``old``
+            # Replacing a queued update is rare next to taking: find its bucket here rather than
+            # keep a transmit count in every item up to date on each take.
+            for b in self._buckets:
+                pos = bisect_left(b, old)  # seq numbers are unique, so this finds exactly ``old``
+                if pos < len(b) and b[pos] is old:
+                    del b[pos]
+                    break
             _uncount(sizes, old[3])
         sizes[size] = sizes.get(size, 0) + 1
         self._live[key] = item
@@ -236,7 +251,10 @@ class BroadcastQueue:
             return out
         # Nothing smaller than ``lim`` is queued, so a walk stops once the budget is below it: the
         # items it would still look at could not fit. (An oversize item first needs the plain walk.)
+        # Nothing is larger than ``top``, so while ``k * top`` fits, the next ``k`` items are taken as
+        # one slice without looking at each: most of a packet, when updates are of similar size.
         lim = max(_MIN_UPDATE, min(sizes))
+        top = max(sizes)
         if budget < lim:
             if not allow_oversize:
                 return out
@@ -250,7 +268,14 @@ class BroadcastQueue:
                 continue
             i = n = len(b)
             stop = n - room if n > room else 0
-            took: list[list[Any]] = []
+            k = min(budget // top, i - stop)
+            if k > 0:
+                took = b[i - k:i]
+                budget -= sum(map(_SIZE_OF, took))
+                took.reverse()  # newest first, as the walk below appends them
+                i -= k
+            else:
+                took = []
             kept: list[list[Any]] | None = None  # looked at but too big for what is left
             while i > stop and budget >= lim:
                 i -= 1
@@ -285,8 +310,6 @@ class BroadcastQueue:
         for t, took in moved:
             if len(buckets) <= t:
                 buckets.append([])
-            for item in took:
-                item[4] = t
             took.reverse()  # oldest first, like the bucket
             b = buckets[t]
             if not b or b[-1][0] < took[0][0]:
@@ -517,6 +540,11 @@ class SwimCore:
         return self.table.live
 
     @property
+    def num_alive(self) -> int:
+        """Members this node sees as alive, itself included (O(1): the table keeps the count)."""
+        return self.table.alive
+
+    @property
     def pending_broadcasts(self) -> int:
         return len(self._bq)
 
@@ -714,9 +742,16 @@ class SwimCore:
             self.on_event(kind, m)
 
     def _apply_updates(self, ups: list[tuple[Member, str]]) -> None:
+        # The very record we hold (a codec hands out one object per distinct update) is stale news:
+        # most updates received are, so that check is MemberTable.get inlined.
+        over_get, base_get = self.table._over.get, self.table._brecs.get
         for m, frm in ups:
             s = m.state
             if s == ALIVE:
+                cur = over_get(m.id, _MISS)
+                if cur is m or (cur is _MISS and base_get(m.id) is m):
+                    self.stats["stale_updates"] += 1
+                    continue
                 self._on_alive(m)
             elif s == SUSPECT:
                 self._on_suspect(m, frm)

@@ -206,6 +206,11 @@ class SwimNode:
     def get(self, member_id: str) -> Member | None:
         return self._core().get(member_id)
 
+    @property
+    def num_alive(self) -> int:
+        """Members this node sees as alive, itself included; O(1), cheap enough to poll."""
+        return self._core().num_alive
+
     def set_meta(self, meta: Mapping[str, Any]) -> None:
         """Replace our metadata (owner only); raises ValueError over ``config.meta_max_bytes``."""
         if self.core is None:
@@ -294,6 +299,8 @@ class SwimNode:
             self._pump()
 
     def _core_event(self, kind: str, m: Member) -> None:
+        if self.on_event is None and not self._subs:
+            return  # nobody listens: a join burst makes ~N² events
         ev = MemberEvent(kind, m)
         if self.on_event is not None:
             try:
