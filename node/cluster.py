@@ -56,16 +56,19 @@ def _remembered_port(path: Path, host: str) -> int:
     return port
 
 
-def _mem_available() -> int:
-    """Bytes of memory available for new models (Linux MemAvailable; 0 when unknown)."""
+def _meminfo(field: str) -> int:
+    """Bytes from /proc/meminfo (MemAvailable: what new models can use; MemTotal); 0 when unknown."""
     try:
         with open("/proc/meminfo") as f:
             for line in f:
-                if line.startswith("MemAvailable:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
     return 0
+
+
+_MEM_TOTAL = _meminfo("MemTotal")
 
 
 class ClusterStartError(Exception):
@@ -258,7 +261,8 @@ class Cluster:
         mine = self.reg.get("nodes", {}).get(self.id, {})
         return {"region": cfg.region, "role": cfg.role, "api": self.api_url, "raft": raft, "models": loaded,
                 "have": self._have, "inflight": inflight, "queue": queue,
-                "slots": cfg.num_parallel * cfg.max_loaded_models, "mem_avail": _mem_available(),
+                "slots": cfg.num_parallel * cfg.max_loaded_models, "mem_avail": _meminfo("MemAvailable"),
+                "mem_total": _MEM_TOTAL,
                 "cordoned": bool(mine.get("cordoned")), "draining": bool(mine.get("draining")), **self.extra_meta}
 
     def _scan_store(self) -> None:
@@ -364,6 +368,8 @@ class Cluster:
                 "gossip_addr": f"{m.host}:{m.port}", "api_addr": meta.get("api"), "incarnation": m.incarnation,
                 "raft": meta.get("raft"), "models": meta.get("models", []), "inflight": meta.get("inflight", 0),
                 "cordoned": bool(reg.get("cordoned", False)), "draining": bool(reg.get("draining", False)),
+                "labels": reg.get("labels") or {},
+                "memory": {"available": meta.get("mem_avail"), "total": meta.get("mem_total")},
                 "meta": meta, "self": m.id == self.id}
 
     def registry_nodes(self) -> dict[str, Any]:

@@ -261,3 +261,51 @@ def test_push_and_pull_through_a_registry(cluster: list[NodeProc], registry: str
     assert digest(c, name) == want is not None  # manifest bytes unchanged through push and pull
     code, body = pull(c, f"{registry}/library/nothing:here", insecure=True)
     assert code == 404 and body[0]["error"] == "pull model manifest: file does not exist"
+
+
+async def test_blob_route_serves_ranges_with_sendfile(tmp_path: Path) -> None:
+    """The peer blob route's sendfile path: whole file, ranges, HEAD, errors, and keep-alive reuse."""
+    import os
+
+    import aiohttp
+    from aiohttp import web
+
+    from omx.node.distribution import send_file
+
+    data = os.urandom(3_000_000)
+    path = tmp_path / "blob"
+    path.write_bytes(data)
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        with path.open("rb") as f:
+            return await send_file(request, f)
+
+    app = web.Application()
+    app.router.add_get("/b", handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}/b"
+    n = len(data)
+    try:
+        async with aiohttp.ClientSession() as c:
+            cases: list[tuple[str | None, int, bytes, str | None]] = [
+                (None, 200, data, None),
+                ("bytes=0-99", 206, data[:100], f"bytes 0-99/{n}"),
+                ("bytes=100-", 206, data[100:], f"bytes 100-{n - 1}/{n}"),
+                ("bytes=-10", 206, data[-10:], f"bytes {n - 10}-{n - 1}/{n}"),
+                (f"bytes={n - 5}-{n + 100}", 206, data[-5:], f"bytes {n - 5}-{n - 1}/{n}"),
+                (f"bytes={n}-", 416, b"", f"bytes */{n}"),
+                ("nonsense", 416, b"", f"bytes */{n}"),
+            ]
+            for rng, status, body, content_range in cases:
+                async with c.get(url, headers={"Range": rng} if rng else {}) as r:
+                    assert (r.status, await r.read(), r.headers.get("Content-Range")) == (status, body, content_range)
+            async with c.head(url) as r:
+                assert r.status == 200 and r.headers["Content-Length"] == str(n)
+            for i in range(20):  # one kept-alive connection, response after response
+                async with c.get(url, headers={"Range": f"bytes={i * 1000}-{i * 1000 + 999_999}"}) as r:
+                    assert await r.read() == data[i * 1000:i * 1000 + 1_000_000]
+    finally:
+        await runner.cleanup()

@@ -97,16 +97,16 @@ def test_model_on_one_node_served_through_the_others(cluster: list[NodeProc]) ->
         assert chunks[-1].done and chunks[-1].eval_count == 5 and all(x.model == "solo" for x in chunks)
         assert len([x for x in chunks if not x.done]) > 1  # passed through chunk by chunk, not merged
         r = c.chat(model="solo", messages=[{"role": "user", "content": "hello"}], options={"num_predict": 3})
-        assert r.message.role == "assistant" and 1 <= r.eval_count <= 3
+        assert r.message.role == "assistant" and r.done and r.eval_count <= 3  # may sample EOS at once
         parts = list(c.chat(model="solo", messages=[{"role": "user", "content": "hello"}], stream=True,
                             options={"num_predict": 3}))
-        assert parts[-1].done and 1 <= parts[-1].eval_count <= 3
+        assert parts[-1].done and parts[-1].eval_count <= 3
         e = c.embed(model="solo", input=["a", "b"])
         assert len(e.embeddings) == 2 and len(e.embeddings[0]) > 0
 
         oc = openai.OpenAI(base_url=n.url + "/v1", api_key="unused")
         cc = oc.chat.completions.create(model="solo", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
-        assert cc.model == "solo" and 1 <= cc.usage.completion_tokens <= 3
+        assert cc.model == "solo" and cc.usage.completion_tokens <= 3
         stream = oc.chat.completions.create(model="solo", messages=[{"role": "user", "content": "hi"}],
                                             max_tokens=4, stream=True)
         deltas = [ch for ch in stream]
