@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -182,3 +183,40 @@ def test_web_mode_warns_when_bound_beyond_loopback() -> None:
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+async def test_mouse_switches_screens_presses_keys_and_opens_row_menus() -> None:
+    src = FrozenSource()
+    app = Console(src, poll_interval=3600)
+    async with app.run_test(size=(150, 40)) as pilot:
+        await ready(pilot)
+        bar = app.query_one("#tabs")
+        await pilot.click(bar, offset=(14, 0))  # " 1 Cluster  2 Instances": the second tab
+        await pilot.pause()
+        assert app.active_tab == "instances" and app.focused is app.query_one(InstancesTable)
+        await pilot.click("#tabs", offset=(2, 0))
+        await pilot.pause()
+        assert app.active_tab == "cluster"
+        await pilot.click("KeyBar", offset=(2, 0))  # the first key shown: c Cordon, on the selected node
+        await pilot.pause(0.2)
+        assert src.calls == [("cordon", ("node-0001",))]
+        await pilot.click(NodesTable, offset=(3, 3))  # header, then rows 0, 1, 2: node-0003
+        await pilot.pause()
+        assert type(app.screen).__name__ == "RowActions" and app.query_one(NodesTable).selected_key == "node-0003"
+
+
+async def test_table_keeps_the_cursor_on_its_row_when_rows_come_and_go() -> None:
+    snap = sample_snapshot(nodes=50)
+    src = FrozenSource(snap, events=[])
+    app = Console(src, poll_interval=3600, live_events=False)
+    async with app.run_test(size=(150, 40)) as pilot:
+        await ready(pilot)
+        table = app.query_one(NodesTable)
+        await pilot.press("end")
+        assert table.selected_key == "node-0050"
+        await pilot.press("pageup", "up")
+        key = table.selected_key
+        app.apply(replace(snap, members=snap.members[5:]))  # five rows above the cursor leave
+        await pilot.pause()
+        assert table.selected_key == key and table.row_count == 45
+        assert str(table.cells["node-0010"][0]) == "node-0010" and "node-0001" not in table.cells

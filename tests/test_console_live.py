@@ -82,7 +82,7 @@ async def until(pilot: Any, cond: Callable[[], Any], limit: float = 30.0, what: 
 
 
 async def select(pilot: Any, table: LiveTable, key: str) -> None:
-    await until(pilot, lambda: key in table._cells, 30, f"row {key}")
+    await until(pilot, lambda: key in table.cells, 30, f"row {key}")
     table.focus()
     table.move_cursor(row=table.get_row_index(key))
     await pilot.pause()
@@ -97,10 +97,10 @@ async def test_cluster_screen_shows_every_member_and_the_leader(cluster: list[No
     app = app_for(cluster[0])
     async with app.run_test(size=SIZE) as pilot:
         table = app.query_one(NodesTable)
-        await until(pilot, lambda: set(table._cells) == {n.id for n in cluster}, 30, "3 rows")
-        await until(pilot, lambda: all(str(c[2]) == "alive" for c in table._cells.values()), 30, "all alive")
+        await until(pilot, lambda: set(table.cells) == {n.id for n in cluster}, 30, "3 rows")
+        await until(pilot, lambda: all(str(c[2]) == "alive" for c in table.cells.values()), 30, "all alive")
         leader = get(cluster[0], "/api/v1/cluster/leader")["id"]
-        await until(pilot, lambda: "leader" in str(table._cells[leader][1]), 30, "the leader marked")
+        await until(pilot, lambda: "leader" in str(table.cells[leader][1]), 30, "the leader marked")
         assert "3/3 alive" in str(app.query_one("#banner").render())
 
 
@@ -112,7 +112,7 @@ async def test_node_actions_from_keys_palette_and_row_menu(cluster: list[NodePro
         await select(pilot, table, target.id)
         await pilot.press("c")  # cordon: not destructive, no confirmation
         await until(pilot, lambda: registry_node(cluster[0], target.id)["cordoned"], 20, "cordon applied")
-        await until(pilot, lambda: "cordoned" in str(table._cells[target.id][6]), 20, "cordon shown")
+        await until(pilot, lambda: "cordoned" in str(table.cells[target.id][6]), 20, "cordon shown")
         await pilot.press("u")
         await until(pilot, lambda: not registry_node(cluster[0], target.id)["cordoned"], 20, "uncordon applied")
 
@@ -123,7 +123,7 @@ async def test_node_actions_from_keys_palette_and_row_menu(cluster: list[NodePro
         await until(pilot, lambda: type(app.screen).__name__ == "ConfirmScreen", 10, "the confirmation")
         await pilot.press("y")
         await until(pilot, lambda: registry_node(cluster[0], target.id)["draining"], 20, "drain applied")
-        await until(pilot, lambda: "draining" in str(table._cells[target.id][6]), 20, "drain shown")
+        await until(pilot, lambda: "draining" in str(table.cells[target.id][6]), 20, "drain shown")
 
         await select(pilot, table, target.id)  # the mouse path: enter/click a row opens its action menu
         await pilot.press("enter")
@@ -159,7 +159,7 @@ async def test_transfer_leadership_to_the_selected_voter(cluster: list[NodeProc]
         await pilot.press("l")
         await until(pilot, lambda: get(cluster[0], "/api/v1/cluster/leader")["id"] == to, 60, "leadership moved")
         table = app.query_one(NodesTable)
-        await until(pilot, lambda: "leader" in str(table._cells[to][1]), 30, "the new leader marked")
+        await until(pilot, lambda: "leader" in str(table.cells[to][1]), 30, "the new leader marked")
         assert not [n for n in app.notes if n[0] == "error"], app.notes
 
 
@@ -182,7 +182,7 @@ async def test_model_actions_copy_delete_load_unload_scale(cluster: list[NodePro
         app.screen.query_one("#field-destination").value = "console-copy"  # type: ignore[attr-defined]
         await pilot.press("enter")
         await until(pilot, lambda: "console-copy:latest" in tags(), 30, "the copy")
-        await until(pilot, lambda: "console-copy:latest" in table._cells, 30, "the copy listed")
+        await until(pilot, lambda: "console-copy:latest" in table.cells, 30, "the copy listed")
 
         await select(pilot, table, "console-copy:latest")
         await pilot.press("x")
@@ -198,7 +198,7 @@ async def test_model_actions_copy_delete_load_unload_scale(cluster: list[NodePro
         await select(pilot, table, model)
         await pilot.press("l")
         await until(pilot, lambda: model in loaded(), 120, "the model loaded")
-        await until(pilot, lambda: str(table._cells[model][3]).startswith("1/"), 30, "1 replica shown")
+        await until(pilot, lambda: str(table.cells[model][3]).startswith("1/"), 30, "1 replica shown")
         await pilot.press("u")
         await until(pilot, lambda: model not in loaded(), 60, "the model unloaded")
 
@@ -208,12 +208,12 @@ async def test_model_actions_copy_delete_load_unload_scale(cluster: list[NodePro
         await pilot.press("enter")
         await until(pilot, lambda: next(m for m in get(cluster[0], "/api/v1/models")["models"]
                                         if m["name"] == model)["replicas"] == 2, 30, "desired replicas = 2")
-        await until(pilot, lambda: str(table._cells[model][3]).endswith("/2"), 30, "replicas shown")
+        await until(pilot, lambda: str(table.cells[model][3]).endswith("/2"), 30, "replicas shown")
         await pilot.press("s")  # back to load-on-demand, so the replicas stop using the test machine's CPU
         await until(pilot, lambda: type(app.screen).__name__ == "FormScreen", 10, "the scale form")
         app.screen.query_one("#field-replicas").value = "0"  # type: ignore[attr-defined]
         await pilot.press("enter")
-        await until(pilot, lambda: str(table._cells[model][3]).endswith("/0"), 30, "replicas 0 shown")
+        await until(pilot, lambda: str(table.cells[model][3]).endswith("/0"), 30, "replicas 0 shown")
 
         errors = [n for n in app.notes if n[0] == "error"]
         assert not errors, errors
@@ -248,14 +248,14 @@ async def test_add_and_remove_an_external_instance(cluster: list[NodeProc]) -> N
         await pilot.press("enter")
         await until(pilot, lambda: url in listed(), 30, "the instance registered")
         table = app.query_one(InstancesTable)
-        await until(pilot, lambda: url in table._cells, 30, "the instance listed")
-        assert str(table._cells[url][3]) == "unhealthy"
+        await until(pilot, lambda: url in table.cells, 30, "the instance listed")
+        assert str(table.cells[url][3]) == "unhealthy"
         await select(pilot, table, url)
         await pilot.press("x")
         await until(pilot, lambda: type(app.screen).__name__ == "ConfirmScreen", 10, "the confirmation")
         await pilot.press("y")
         await until(pilot, lambda: url not in listed(), 30, "the instance removed")
-        await until(pilot, lambda: url not in table._cells, 30, "the row gone")
+        await until(pilot, lambda: url not in table.cells, 30, "the row gone")
 
 
 async def test_playground_streams_a_reply(cluster: list[NodeProc]) -> None:
@@ -375,14 +375,14 @@ async def test_killed_node_shows_on_cluster_and_events(cluster: list[NodeProc]) 
     app = app_for(cluster[0])
     async with app.run_test(size=SIZE) as pilot:
         table = app.query_one(NodesTable)
-        await until(pilot, lambda: str(table._cells[victim.id][2]) == "alive", 30, "the victim alive")
+        await until(pilot, lambda: str(table.cells[victim.id][2]) == "alive", 30, "the victim alive")
         await until(pilot, lambda: app.events_live, 10, "the event stream")
         victim.stop(signal.SIGKILL)
-        await until(pilot, lambda: str(table._cells[victim.id][2]) in ("suspect", "dead"), 60, "suspect/dead shown")
+        await until(pilot, lambda: str(table.cells[victim.id][2]) in ("suspect", "dead"), 60, "suspect/dead shown")
         events = app.query_one(EventsPane)
         await until(pilot, lambda: any(e.kind in ("member.suspect", "member.dead") and e.data.get("id") == victim.id
                                        for e in events.rows), 60, "a membership event")
-        await until(pilot, lambda: str(table._cells[victim.id][2]) == "dead", 90, "dead shown")
+        await until(pilot, lambda: str(table.cells[victim.id][2]) == "dead", 90, "dead shown")
         await until(pilot, lambda: any(e.kind == "member.dead" and e.data.get("id") == victim.id
                                        for e in events.rows), 60, "the member.dead event")
         await pilot.press("5")
@@ -402,6 +402,6 @@ async def test_console_reconnects_when_its_node_dies(cluster: list[NodeProc]) ->
         assert any(e.kind == "console.failover" for e in app.query_one(EventsPane).rows)
         assert survivor.url in str(app.query_one("#banner").render())
         table = app.query_one(NodesTable)
-        await until(pilot, lambda: str(table._cells[connected.id][2]) in ("suspect", "dead"), 60,
+        await until(pilot, lambda: str(table.cells[connected.id][2]) in ("suspect", "dead"), 60,
                     "the dead node shown from the survivor's view")
         await asyncio.sleep(0)

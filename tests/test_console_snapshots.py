@@ -27,7 +27,7 @@ def make_app(theme: str) -> OmxConsole:
 
 async def settle(pilot: Any, screen: str) -> None:
     app: OmxConsole = pilot.app
-    while app.polls < 1 or len(app.query_one("#events-table").rows) < 8:  # type: ignore[attr-defined]
+    while app.polls < 1 or app.query_one("#events-table").row_count < 8:  # type: ignore[attr-defined]
         await pilot.pause(0.05)
     if screen == "metrics":  # a history, so the charts have a shape
         snap = app.snap

@@ -8,6 +8,7 @@ shows up in the banner and in notifications, never as a crash.
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 from collections.abc import Callable
 from functools import partial
@@ -20,7 +21,7 @@ from textual.binding import Binding, BindingType
 from textual.command import DiscoveryHit, Hit, Hits, Provider
 from textual.containers import Vertical
 from textual.screen import ModalScreen
-from textual.widgets import Footer, Header, Input, OptionList, Select, Static, TabbedContent, TabPane
+from textual.widgets import ContentSwitcher, Header, Input, OptionList, Select, Static
 from textual.widgets.option_list import Option
 
 from omx.console.tui.actions import ACTIONS, ActionSpec, for_target
@@ -33,18 +34,20 @@ from omx.console.tui.panes import (
     InstancesTable,
     MetricsHistory,
     MetricsPane,
+    MetricsTable,
     ModelsPane,
     ModelsTable,
     NodesTable,
     PlaygroundPane,
 )
-from omx.console.tui.widgets import ConfirmScreen, Field, FormScreen
+from omx.console.tui.widgets import ConfirmScreen, Field, FormScreen, KeyBar, LiveTable, TabBar
 
 TABS = (("cluster", "Cluster"), ("instances", "Instances"), ("models", "Models"), ("metrics", "Metrics"),
         ("events", "Events"), ("playground", "Playground"))
 TABLE_FOR = {"node": ("cluster", NodesTable), "model": ("models", ModelsTable),
              "instance": ("instances", InstancesTable)}
 # events that change what the screens show: they wake the poller early
+GC_FULL_EVERY = 600.0  # seconds between full garbage collections (see OmxConsole._collect_garbage)
 WAKE_KINDS = ("member.", "raft.", "registry.", "model.", "router.", "scheduler.", "transfer.")
 
 
@@ -110,8 +113,7 @@ class OmxConsole(App[None]):
     COMMANDS = App.COMMANDS | {ActionCommands}
     CSS = """
     #banner { height: 1; padding: 0 1; background: $panel; color: $text; }
-    TabbedContent { height: 1fr; }
-    TabPane { padding: 0; height: 1fr; }
+    ContentSwitcher { height: 1fr; }
     ClusterPane, InstancesPane, ModelsPane, MetricsPane, EventsPane, PlaygroundPane { height: 1fr; }
     #prompt { margin: 0 0 0 0; }
     #banner.-error { background: $error; color: $text; text-style: bold; }
@@ -153,18 +155,21 @@ class OmxConsole(App[None]):
         self._wake = asyncio.Event()
         self._failovers_seen = 0
         self._stale: set[str] = set()  # screens not yet redrawn with the latest snapshot
+        self.active_tab = "cluster"
+        self._gc_full_at = time.monotonic()
 
     # ---- layout ---------------------------------------------------------------------------------
     def compose(self) -> ComposeResult:
         yield Header()
         yield Static("connecting to " + self.source.url + " …", id="banner")
-        with TabbedContent(initial="cluster"):
+        # A tab bar and a ContentSwitcher rather than TabbedContent: one widget to redraw on a switch, in one frame
+        yield TabBar(TABS, self.active_tab, id="tabs")
+        with ContentSwitcher(initial=f"{self.active_tab}-pane"):
             panes = {"cluster": ClusterPane, "instances": InstancesPane, "models": ModelsPane,
                      "metrics": MetricsPane, "events": EventsPane, "playground": PlaygroundPane}
-            for tab, title in TABS:
-                with TabPane(title, id=tab):
-                    yield panes[tab](id=f"{tab}-pane")
-        yield Footer()
+            for tab, _ in TABS:
+                yield panes[tab](id=f"{tab}-pane")
+        yield KeyBar()
 
     def on_mount(self) -> None:
         self.sub_title = self.source.url
@@ -255,10 +260,27 @@ class OmxConsole(App[None]):
         banner.update(f"connected to {snap.connected} (node {snap.self_id}, region {snap.region}) · "
                       f"{counts.get('alive', 0)}/{len(snap.members)} alive · leader {leader}")
         self.history.add(snap)
+        self._collect_garbage()
         # Only the visible screen is redrawn each poll; the others catch up when shown. With thousands of rows a
         # full refresh of every table would hold the event loop long enough to delay key presses.
         self._stale = {tab for tab, _ in TABS}
-        self._show(self.query_one(TabbedContent).active)
+        self._show(self.active_tab)
+
+    def _collect_garbage(self) -> None:
+        """Keep CPython's full collections off the key path.
+
+        With 1,000 nodes and 5,000 instances the console holds millions of long-lived objects (rows, rendered
+        strips); a full collection walks them all (~200 ms on a busy machine) at a moment of the collector's
+        choosing, often in the middle of a key press. What survives a poll is frozen out of the collector's
+        sight (plain data is still freed by reference counting); a real full collection runs right after a
+        poll, at most every GC_FULL_EVERY seconds, so cyclic garbage is never kept for long.
+        """
+        now = time.monotonic()
+        if now - self._gc_full_at >= GC_FULL_EVERY:
+            self._gc_full_at = now
+            gc.unfreeze()
+            gc.collect()
+        gc.freeze()
 
     def _show(self, tab: str) -> None:
         snap = self.snap
@@ -278,24 +300,29 @@ class OmxConsole(App[None]):
 
     # ---- navigation ---------------------------------------------------------------------------------
     def action_show_tab(self, tab: str) -> None:
-        self.query_one(TabbedContent).active = tab
+        self.active_tab = tab
+        self.query_one(TabBar).active = tab
+        self.query_one(ContentSwitcher).current = f"{tab}-pane"
         self._show(tab)
         self._focus_tab(tab)
 
     def _focus_tab(self, tab: str) -> None:
-        target = {"cluster": NodesTable, "instances": InstancesTable, "models": ModelsTable}.get(tab)
-        if target is not None:
-            self.query_one(target).focus()
-        elif tab == "events":
-            self.query_one("#events-table").focus()
-        elif tab == "playground":
-            self.query_one("#prompt", Input).focus()
+        """Focus the screen's main widget now, not on a later message, so the switch is drawn in one frame.
 
-    @on(TabbedContent.TabActivated)
-    def _tab_changed(self, event: TabbedContent.TabActivated) -> None:
-        if event.pane.id:
-            self._show(event.pane.id)
-            self._focus_tab(event.pane.id)
+        Widget.focus() defers to the next message and bindings follow after a refresh: the focus colours and the
+        key bar would each cost another frame after the new screen is shown.
+        """
+        query = {"cluster": NodesTable, "instances": InstancesTable, "models": ModelsTable,
+                 "metrics": MetricsTable, "events": "#events-table", "playground": "#prompt"}.get(tab)
+        if query is not None:
+            widget = self.query_one(query)
+            screen, before = widget.screen, widget.screen.focused
+            screen.set_focus(widget, scroll_visible=False)
+            # the Focus/Blur events would restyle both widgets after the first frame; do it in this one
+            if before is not None and before is not widget:
+                before.has_focus = False
+            widget.has_focus = True
+            screen.refresh_bindings()
 
     def action_refresh(self) -> None:
         self._wake.set()
@@ -320,13 +347,11 @@ class OmxConsole(App[None]):
     def act_on(self, action_id: str, target: str | None) -> None:
         self._flow(ACTIONS[action_id], target)
 
-    @on(NodesTable.RowSelected)
-    @on(ModelsTable.RowSelected)
-    @on(InstancesTable.RowSelected)
-    def _row_menu(self, event: NodesTable.RowSelected) -> None:
-        kind = {NodesTable: "node", ModelsTable: "model", InstancesTable: "instance"}[type(event.data_table)]
-        if event.row_key.value is not None:
-            key = str(event.row_key.value)
+    @on(LiveTable.RowSelected)
+    def _row_menu(self, event: LiveTable.RowSelected) -> None:
+        kind = {NodesTable: "node", ModelsTable: "model", InstancesTable: "instance"}.get(type(event.table))
+        if kind is not None:
+            key = event.key
             self.push_screen(RowActions(kind, key), lambda a: self.act_on(a, key) if a else None)
 
     async def _ask(self, title: str, fields: list[Field]) -> dict[str, str] | None:
@@ -418,11 +443,11 @@ class OmxConsole(App[None]):
                 status = str(p.get("status", ""))
                 self.transfers[model] = f"{status} {done * 100 // total}%" if total and done is not None else status
                 self._stale.add("models")
-                self._show(self.query_one(TabbedContent).active)
+                self._show(self.active_tab)
         finally:
             self.transfers.pop(model, None)
             self._stale.add("models")
-            self._show(self.query_one(TabbedContent).active)
+            self._show(self.active_tab)
 
     # ---- playground ---------------------------------------------------------------------------------
     @on(Input.Submitted, "#prompt")
@@ -470,4 +495,5 @@ class OmxConsole(App[None]):
         self.query_one("#transcript").remove_children()
 
     async def on_unmount(self) -> None:
+        gc.unfreeze()  # hand whatever this app kept back to the collector (tests run many apps in one process)
         await self.source.close()

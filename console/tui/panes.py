@@ -11,7 +11,7 @@ from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Grid, Horizontal, Vertical, VerticalScroll
-from textual.widgets import DataTable, Input, Label, Select, Sparkline, Static
+from textual.widgets import Input, Label, Select, Sparkline, Static
 
 from omx.console.tui.actions import for_target
 from omx.console.tui.data import EventRow, Instance, Member, MetricPoint, ModelInfo, Snapshot
@@ -235,8 +235,13 @@ def event_style(kind: str) -> str:
     return next((v for k, v in EVENT_STYLE.items() if kind.startswith(k)), "")
 
 
-class EventsTable(DataTable):
-    pass
+class EventsTable(LiveTable):
+    COLUMNS = (("time", "time"), ("kind", "kind"), ("details", "details"), ("via", "via"))
+
+
+def event_cells(e: EventRow) -> tuple[Text, ...]:
+    stamp = time.strftime("%H:%M:%S", time.gmtime(e.ts))
+    return (Text(stamp), Text(e.kind, style=event_style(e.kind)), Text(e.summary), Text(e.origin))
 
 
 class EventsPane(Vertical):
@@ -250,44 +255,29 @@ class EventsPane(Vertical):
             yield Input(placeholder="filter: kind prefix or any text (e.g. member.dead, raft, node-2)",
                         id="events-filter")
             yield Static(id="events-status")
-        yield EventsTable(id="events-table", cursor_type="row", zebra_stripes=True)
-
-    def on_mount(self) -> None:
-        t = self.query_one(EventsTable)
-        for key, label in (("time", "time"), ("kind", "kind"), ("details", "details"), ("via", "via")):
-            t.add_column(label, key=key)
+        yield EventsTable(id="events-table")
 
     def matches(self, e: EventRow) -> bool:
         f = self.filter.lower()
         return not f or any(part in e.kind.lower() or part in e.summary.lower() for part in f.split())
 
-    def _add(self, t: DataTable, e: EventRow) -> None:
-        stamp = time.strftime("%H:%M:%S", time.gmtime(e.ts))
-        t.add_row(Text(stamp), Text(e.kind, style=event_style(e.kind)), Text(e.summary), Text(e.origin))
+    def _show(self, follow: bool) -> None:
+        """Show the matching events; the cursor follows new events while it sits on the last one."""
+        t = self.query_one(EventsTable)
+        # id(): the deque keeps each event alive, so ids are unique among the rows shown
+        t.sync([(str(id(e)), e) for e in self.rows if self.matches(e)], event_cells)
+        if follow and t.row_count:
+            t.move_cursor(row=t.row_count - 1)
 
     def add(self, events: list[EventRow]) -> None:
         t = self.query_one(EventsTable)
         at_end = t.cursor_row >= t.row_count - 1
-        for e in events:
-            if len(self.rows) == self.rows.maxlen:
-                self.rows.popleft()
-                if t.row_count > MAX_EVENTS - 1:
-                    t.remove_row(next(iter(t.rows)))
-            self.rows.append(e)
-            if self.matches(e):
-                self._add(t, e)
-        if at_end and t.row_count:
-            t.move_cursor(row=t.row_count - 1)
+        self.rows.extend(events)
+        self._show(at_end)
 
     def set_filter(self, text: str) -> None:
         self.filter = text.strip()
-        t = self.query_one(EventsTable)
-        t.clear()
-        for e in self.rows:
-            if self.matches(e):
-                self._add(t, e)
-        if t.row_count:
-            t.move_cursor(row=t.row_count - 1)
+        self._show(True)
 
     def set_status(self, live: bool, detail: str) -> None:
         self.query_one("#events-status", Static).update(

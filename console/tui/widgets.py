@@ -2,80 +2,496 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from rich.cells import cell_len
+from rich.segment import Segment
+from rich.style import Style
 from rich.text import Text
-from textual import on
+from textual import events, on
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Grid, Horizontal, Vertical
-from textual.screen import ModalScreen
-from textual.widgets import Button, DataTable, Input, Label
-from textual.widgets.data_table import ColumnKey
+from textual.geometry import Region, Size
+from textual.message import Message
+from textual.screen import ModalScreen, Screen
+from textual.scroll_view import ScrollView
+from textual.strip import Strip
+from textual.widget import Widget
+from textual.widgets import Button, Input, Label
 
 Cell = str | Text
 
 
-class LiveTable(DataTable):
-    """A DataTable fed whole row sets each poll, applied as a diff so 5,000 rows stay cheap to refresh.
+class _Missing:
+    pass
 
-    Rebuilding would reset the cursor and scroll position under the operator's hands; a diff keeps both.
+
+_MISSING = _Missing()
+
+
+class RowCells(Mapping[str, tuple[Text, ...]]):
+    """Read-only view of a table's rendered cells by row key (rendered on demand: rows are rendered lazily)."""
+
+    def __init__(self, table: LiveTable) -> None:
+        self._table = table
+
+    def __getitem__(self, key: str) -> tuple[Text, ...]:
+        if key not in self._table._index:
+            raise KeyError(key)
+        return self._table._row_cells(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._table._keys)
+
+    def __len__(self) -> int:
+        return len(self._table._keys)
+
+
+class LiveTable(ScrollView, can_focus=True):
+    """A virtual table for thousands of live rows: only the visible rows are ever drawn, from cached strips.
+
+    Textual's DataTable re-renders every visible cell whenever the cursor moves or any cell changes, and
+    re-sorts/re-measures on updates; with 5,000 rows that made key presses take hundreds of ms. Here a row
+    is rendered to a Strip once per change of its value (lazily, when it is first shown) and a cursor move
+    repaints two lines. Rows are fed whole each poll as (key, value) pairs and applied as a diff, so the
+    cursor stays on its row and the scroll position is kept under the operator's hands.
     """
 
     COLUMNS: Sequence[tuple[str, str]] = ()
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("enter", "select_cursor", "Select", show=False),
+        Binding("up", "cursor(-1)", "Up", show=False),
+        Binding("down", "cursor(1)", "Down", show=False),
+        Binding("pageup", "page(-1)", "Page up", show=False),
+        Binding("pagedown", "page(1)", "Page down", show=False),
+        Binding("home", "jump(0)", "First row", show=False),
+        Binding("end", "jump(-1)", "Last row", show=False),
+        Binding("left", "scroll_left", "Scroll left", show=False),
+        Binding("right", "scroll_right", "Scroll right", show=False),
+    ]
+    COMPONENT_CLASSES: ClassVar[set[str]] = {"livetable--header", "livetable--cursor", "livetable--even-row"}
+    DEFAULT_CSS = """
+    LiveTable {
+        background: $surface;
+        color: $foreground;
+        height: 1fr;
+        &:focus {
+            background-tint: $foreground 5%;
+            & > .livetable--cursor {
+                background: $block-cursor-background;
+                color: $block-cursor-foreground;
+                text-style: $block-cursor-text-style;
+            }
+            & > .livetable--header { background-tint: $foreground 5%; }
+        }
+        &:dark > .livetable--even-row { background: $surface-darken-1 40%; }
+        & > .livetable--header { text-style: bold; background: $panel; color: $foreground; }
+        &:ansi > .livetable--header { background: ansi_bright_blue; color: ansi_default; }
+        & > .livetable--even-row { background: $surface-lighten-1 50%; }
+        & > .livetable--cursor {
+            background: $block-cursor-blurred-background;
+            color: $block-cursor-blurred-foreground;
+            text-style: $block-cursor-blurred-text-style;
+        }
+    }
+    """
+    CACHE_ROWS = 4096  # rendered row strips kept; a page is ~50
 
-    def __init__(self, **kw: object) -> None:
-        super().__init__(cursor_type="row", zebra_stripes=True, **kw)  # type: ignore[arg-type]
-        self._cells: dict[str, tuple[Cell, ...]] = {}
-        self._values: dict[str, Hashable] = {}
+    class RowSelected(Message):
+        """Enter or a click on a row."""
 
-    def on_mount(self) -> None:
-        for key, label in self.COLUMNS:
-            self.add_column(label, key=key)
+        def __init__(self, table: LiveTable, key: str) -> None:
+            super().__init__()
+            self.table = table
+            self.key = key
+
+        @property
+        def control(self) -> LiveTable:
+            return self.table
+
+    def __init__(self, *, zebra_stripes: bool = True, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.zebra_stripes = zebra_stripes
+        self._keys: list[str] = []
+        self._index: dict[str, int] = {}
+        self._values: dict[str, Any] = {}
+        self._cells: dict[str, tuple[Text, ...]] = {}  # rendered cells; rows whose value changed are dropped
+        self._render: Callable[[Any], tuple[Cell, ...]] = lambda v: tuple(v)
+        self._labels = tuple(Text(label) for _, label in self.COLUMNS)
+        self._widths = [cell_len(t.plain) for t in self._labels]
+        self._strips: dict[tuple[str, bool, bool], Strip] = {}  # (key, even, cursor) -> full-width row, this look
+        self._base_style = Style()
+        self._view_width = 0
+        # one strip cache per look (focused or not, theme): switching screens moves focus, and re-rendering
+        # every visible row on each focus change would cost as much as the DataTable this replaces
+        self._looks: dict[tuple[Style, ...], tuple[dict[tuple[str, bool, bool], Strip], list[Strip | None]]] = {}
+        self._header_box: list[Strip | None] = [None]
+        self._look: tuple[Style, ...] | None = None
+        self.cursor_row = 0
+
+    # ---- data -----------------------------------------------------------------------------------------
+    @property
+    def row_count(self) -> int:
+        return len(self._keys)
+
+    @property
+    def cells(self) -> RowCells:
+        return RowCells(self)
 
     @property
     def selected_key(self) -> str | None:
-        if not self.row_count:
-            return None
-        try:
-            key = self.coordinate_to_cell_key(self.cursor_coordinate).row_key.value
-        except Exception:  # the cursor may sit past a row that was just removed
-            return None
-        return str(key) if key is not None else None
+        return self._keys[self.cursor_row] if 0 <= self.cursor_row < len(self._keys) else None
+
+    def get_row_index(self, key: str) -> int:
+        return self._index[key]
 
     def sync(self, items: Sequence[tuple[str, Hashable]], render: Callable[[Any], tuple[Cell, ...]]) -> None:
         """Show `items` (key, value) in this order; only rows whose value changed are rendered again."""
-        new = dict(items)
-        for key in [k for k in self._cells if k not in new]:
-            self.remove_row(key)
-            del self._cells[key]
-            del self._values[key]
-        cols = [k for k, _ in self.COLUMNS]
-        added = False
+        self._render = render
+        selected = self.selected_key
+        keys = [k for k, _ in items]
+        reordered = keys != self._keys
+        if reordered:
+            for gone in self._index.keys() - set(keys):
+                self._forget(gone)
+            self._keys = keys
+            self._index = {k: i for i, k in enumerate(keys)}
+            self._clear_strips()  # zebra parity follows the position
+        widened = False
         for key, value in items:
-            if key in self._values and self._values[key] == value:
+            old = self._values.get(key, _MISSING)
+            if old is value or old == value:
                 continue  # unchanged: most rows of a big cluster on most polls
-            # Text, never str: DataTable parses str cells as markup (slow, and a node could inject styling)
-            cells = tuple(c if isinstance(c, Text) else Text(c) for c in render(value))
-            old = self._cells.get(key)
-            if old is None:
-                self.add_row(*cells, key=key)
-                added = True
-            else:
-                for col, a, b in zip(cols, old, cells, strict=True):
-                    if a != b:
-                        # only ever widen: DataTable re-measures the whole column when a cell narrows it
-                        wider = cell_len(str(b)) > self.columns[ColumnKey(col)].content_width
-                        self.update_cell(key, col, b, update_width=wider)
-            self._cells[key] = cells
             self._values[key] = value
-        if added and len(items) > 1:
-            # DataTable only appends; the first column holds the row key, so sort on it into the source's order
-            order = {k: i for i, (k, _) in enumerate(items)}
-            self.sort(self.COLUMNS[0][0], key=lambda v: order.get(str(v), 0))
+            self._drop_row(key)
+            if old is _MISSING:  # new rows are measured at once so the columns fit them
+                widened |= self._measure(self._row_cells(key))
+            elif not reordered and self._in_view(self._index[key]):
+                self.refresh_line(self._index[key] + 1)
+        if widened:
+            self._resized()
+        if reordered:
+            self.virtual_size = Size(self._total_width(), len(self._keys) + 1)
+            row = self._index.get(selected, self.cursor_row) if selected is not None else self.cursor_row
+            self.cursor_row = max(0, min(row, len(self._keys) - 1))
+            self.refresh()
+
+    def _in_view(self, row: int) -> bool:
+        top = round(self.scroll_y)
+        return top <= row < top + self._page
+
+    def clear(self) -> None:
+        self.sync([], self._render)
+
+    def _forget(self, key: str) -> None:
+        self._values.pop(key, None)
+        self._drop_row(key)
+
+    def _drop_row(self, key: str) -> None:
+        self._cells.pop(key, None)
+        for strips, _ in self._looks.values():
+            for even in (True, False):
+                for cursor in (True, False):
+                    strips.pop((key, even, cursor), None)
+
+    def _clear_strips(self) -> None:
+        for strips, header in self._looks.values():
+            strips.clear()
+            header[0] = None
+
+    def _row_cells(self, key: str) -> tuple[Text, ...]:
+        cells = self._cells.get(key)
+        if cells is None:
+            # Text, never markup: a node's name or error text must not be able to inject styling
+            cells = tuple(c if isinstance(c, Text) else Text(c) for c in self._render(self._values[key]))
+            self._cells[key] = cells
+        return cells
+
+    def _measure(self, cells: tuple[Text, ...]) -> bool:
+        """Widen columns to fit `cells`; columns never narrow, so the layout does not jump while data moves."""
+        widened = False
+        for i, c in enumerate(cells[: len(self._widths)]):
+            w = cell_len(c.plain)
+            if w > self._widths[i]:
+                self._widths[i] = w
+                widened = True
+        return widened
+
+    def _total_width(self) -> int:
+        return sum(w + 2 for w in self._widths)
+
+    def _resized(self) -> None:
+        self._clear_strips()
+        self.virtual_size = Size(self._total_width(), len(self._keys) + 1)
+        self.refresh()
+
+    # ---- cursor and keys ------------------------------------------------------------------------------
+    @property
+    def _page(self) -> int:
+        return max(1, self.scrollable_content_region.height - 1)
+
+    def move_cursor(self, row: int, scroll: bool = True) -> None:
+        if not self._keys:
+            self.cursor_row = 0
+            return
+        row = max(0, min(row, len(self._keys) - 1))
+        if row != self.cursor_row:
+            self.refresh_line(self.cursor_row + 1)
+            self.refresh_line(row + 1)
+            self.cursor_row = row
+        if scroll:
+            top = round(self.scroll_y)
+            if row < top:
+                self.scroll_to(y=row, animate=False, immediate=True)
+            elif row >= top + self._page:
+                self.scroll_to(y=row - self._page + 1, animate=False, immediate=True)
+
+    def action_cursor(self, delta: int) -> None:
+        self.move_cursor(self.cursor_row + delta)
+
+    def action_page(self, direction: int) -> None:
+        page = self._page
+        self.scroll_to(y=round(self.scroll_y) + direction * page, animate=False, immediate=True)
+        self.move_cursor(self.cursor_row + direction * page)
+
+    def action_jump(self, row: int) -> None:
+        self.move_cursor(row if row >= 0 else len(self._keys) - 1)
+
+    def action_select_cursor(self) -> None:
+        key = self.selected_key
+        if key is not None:
+            self.post_message(self.RowSelected(self, key))
+
+    def on_click(self, event: events.Click) -> None:
+        offset = event.get_content_offset(self)
+        if offset is None or offset.y < 1:
+            return
+        row = round(self.scroll_y) + offset.y - 1
+        if row < len(self._keys):
+            self.move_cursor(row)
+            self.action_select_cursor()
+
+    def _on_focus(self, event: events.Focus) -> None:
+        if self.screen.focused is not self:
+            event.prevent_default()  # stale: focus already moved on (see _on_blur)
+
+    def _on_blur(self, event: events.Blur) -> None:
+        """Ignore a Blur that arrives after focus came back (the console sets has_focus itself on a switch).
+
+        A hidden pane's table gets its Blur late; applied then, it would restyle a focused table as blurred
+        and back again, two extra frames after the new screen was drawn.
+        """
+        if self.screen.focused is self:
+            event.prevent_default()
+
+    # ---- drawing --------------------------------------------------------------------------------------
+    def notify_style_update(self) -> None:
+        """Theme, focus and CSS changes restyle the rows: pick (or start) the strip cache for the new look."""
+        super().notify_style_update()
+        self._look = None
+
+    def on_resize(self) -> None:
+        # a table shown again after a switch of screen gets a Resize of the same size: keep its strips then
+        width = self.scrollable_content_region.width
+        if width != self._view_width:
+            self._view_width = width
+            self._resized()  # rows are padded to the view's width
+
+    def _line(self, cells: Sequence[Text], style: Style, over: Style | None = None) -> Strip:
+        """One row: cells padded to their column widths, then to the view's width; `over` wins over cell colours."""
+        segments: list[Segment] = []
+        for text, width in zip(cells, self._widths, strict=False):
+            pad = " " * (width - cell_len(text.plain) + 1)
+            if not text.spans:
+                cell_style = style + Style.parse(str(text.style)) if text.style else style
+                segments.append(Segment(f" {text.plain}{pad}", cell_style))
+            else:  # mixed styles in one cell: let Rich split it
+                segments.append(Segment(" ", style))
+                segments.extend(Segment(s.text, style + s.style if s.style else style)
+                                for s in text.render(self.app.console) if s.text != "\n")
+                segments.append(Segment(pad, style))
+        total = self._total_width()
+        if self._view_width > total:
+            segments.append(Segment(" " * (self._view_width - total), style))
+        if over is not None:
+            segments = list(Segment.apply_style(segments, post_style=over))
+        return Strip(segments, max(total, self._view_width))
+
+    def _select_look(self) -> None:
+        """Per frame: the styles every line uses, and the strip cache that goes with them."""
+        base = self.rich_style
+        self._base_style = base
+        self._view_width = self.scrollable_content_region.width
+        if self._look is None:
+            look = (base, *(self.get_component_rich_style(f"livetable--{n}") for n in ("header", "even-row", "cursor")))
+            if look not in self._looks:
+                if len(self._looks) >= 4:
+                    self._looks.clear()
+                self._looks[look] = ({}, [None])
+            self._strips, self._header_box = self._looks[look]
+            self._look = look
+
+    def render_lines(self, crop: Region) -> list[Strip]:
+        self._select_look()
+        return super().render_lines(crop)
+
+    def _row_strip(self, row: int) -> Strip:
+        key = self._keys[row]
+        even, cursor = self.zebra_stripes and row % 2 == 0, row == self.cursor_row
+        cached = self._strips.get((key, even, cursor))
+        if cached is None:
+            assert self._look is not None
+            base, _header, even_style, cursor_style = self._look
+            style = base + even_style if even else base
+            cells = self._row_cells(key)
+            if self._measure(cells):
+                self.call_later(self._resized)
+            # the cursor's colours win over the cells' own, as in DataTable
+            cached = self._line(cells, style, cursor_style if cursor else None)
+            if len(self._strips) >= self.CACHE_ROWS:
+                self._strips.clear()
+            self._strips[(key, even, cursor)] = cached
+        return cached
+
+    def render_line(self, y: int) -> Strip:
+        if self._look is None:
+            self._select_look()
+        assert self._look is not None
+        scroll_x, scroll_y = self.scroll_offset
+        width, base = self._view_width, self._base_style
+        if y == 0:
+            strip = self._header_box[0]
+            if strip is None:
+                strip = self._header_box[0] = self._line(self._labels, base + self._look[1])
+        else:
+            row = scroll_y + y - 1
+            if row >= len(self._keys):
+                return Strip.blank(width, base)
+            strip = self._row_strip(row)
+        return strip.crop_extend(scroll_x, scroll_x + width, base)
+
+
+class TabBar(Widget):
+    """One line of screen names, the active one highlighted; a click switches screen (`app.show_tab`).
+
+    Stands in for TabbedContent's tab strip, which is a dozen widgets with an underline that moves in a
+    second frame after every switch; this is one widget drawn in the same frame as the new screen.
+    """
+
+    COMPONENT_CLASSES: ClassVar[set[str]] = {"tabbar--tab", "tabbar--active", "tabbar--key"}
+    DEFAULT_CSS = """
+    TabBar {
+        height: 1;
+        background: $panel;
+        & > .tabbar--tab { color: $foreground-muted; }
+        & > .tabbar--key { color: $foreground-muted; text-style: dim; }
+        & > .tabbar--active { color: $block-cursor-foreground; background: $block-cursor-background; text-style: bold; }
+    }
+    """
+
+    def __init__(self, tabs: Sequence[tuple[str, str]], active: str, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.tabs = tuple(tabs)
+        self._active = active
+
+    @property
+    def active(self) -> str:
+        return self._active
+
+    @property
+    def link_style(self) -> Style:
+        """Clickable, but drawn in the bar's own colours rather than underlined like a link."""
+        return Style()
+
+    @active.setter
+    def active(self, tab: str) -> None:
+        if tab != self._active:
+            self._active = tab
+            self.refresh()
+
+    def render(self) -> Text:
+        parts: list[tuple[str, Style]] = []
+        for n, (tab, title) in enumerate(self.tabs, 1):
+            click = Style.from_meta({"@click": f"app.show_tab({tab!r})"})
+            name = "tabbar--active" if tab == self._active else "tabbar--tab"
+            parts.append((f" {n}", self.get_component_rich_style("tabbar--key") + click))
+            parts.append((f" {title} ", self.get_component_rich_style(name) + click))
+        return Text.assemble(*parts, no_wrap=True, overflow="crop")
+
+
+class KeyBar(Widget):
+    """The key bindings of the focused widget, in one line: Textual's Footer, without its cost.
+
+    Footer re-mounts one widget per key on every focus change (each switch of screen): ~15 mounts with CSS
+    matching, a relayout and a second frame, which made switching screens take hundreds of ms with a big
+    table. This renders the same keys as one line of text and repaints only when the set of keys changes.
+    A click on a key presses it, as in Footer.
+    """
+
+    COMPONENT_CLASSES: ClassVar[set[str]] = {"keybar--key", "keybar--description"}
+    DEFAULT_CSS = """
+    KeyBar {
+        dock: bottom;
+        height: 1;
+        color: $footer-foreground;
+        background: $footer-background;
+        & > .keybar--key { color: $footer-key-foreground; background: $footer-key-background; text-style: bold; }
+        & > .keybar--description {
+            color: $footer-description-foreground; background: $footer-description-background;
+        }
+    }
+    """
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self._keys: tuple[tuple[str, str, str, bool], ...] = ()
+        self._palette: tuple[str, str, str, bool] | None = None
+
+    @property
+    def link_style(self) -> Style:
+        """Clickable, but drawn in the bar's own colours rather than underlined like a link."""
+        return Style()
+
+    def on_mount(self) -> None:
+        self.screen.bindings_updated_signal.subscribe(self, self._bindings_changed)
+
+    def on_unmount(self) -> None:
+        self.screen.bindings_updated_signal.unsubscribe(self)
+
+    def _bindings_changed(self, screen: Screen[Any]) -> None:
+        if not self.is_attached or screen is not self.screen:
+            return
+        seen: set[str] = set()
+        keys: list[tuple[str, str, str, bool]] = []
+        palette = None
+        for _node, binding, enabled, _tooltip in screen.active_bindings.values():
+            if binding.key == self.app.COMMAND_PALETTE_BINDING and self.app.ENABLE_COMMAND_PALETTE:
+                palette = (binding.key, self.app.get_key_display(binding), binding.description, enabled)
+            elif binding.show and binding.action not in seen:  # one entry per action, as Footer shows
+                seen.add(binding.action)
+                keys.append((binding.key, self.app.get_key_display(binding), binding.description, enabled))
+        if (tuple(keys), palette) != (self._keys, self._palette):
+            self._keys, self._palette = tuple(keys), palette
+            self.refresh()
+
+    def _entry(self, key: str, display: str, description: str, enabled: bool) -> Text:
+        click = Style.from_meta({"@click": f"app.simulate_key({key!r})"})
+        dim = Style(dim=not enabled)
+        return Text.assemble((f" {display} ", self.get_component_rich_style("keybar--key") + dim + click),
+                             (f"{description} ", self.get_component_rich_style("keybar--description") + dim + click))
+
+    def render(self) -> Text:
+        line = Text.assemble(*(self._entry(*k) for k in self._keys), no_wrap=True, overflow="crop")
+        if self._palette is not None:
+            right = self._entry(*self._palette)
+            gap = self.size.width - line.cell_len - right.cell_len
+            if gap > 0:
+                line.append(" " * gap)
+                line.append_text(right)
+        return line
 
 
 @dataclass(frozen=True)
