@@ -180,10 +180,14 @@ async def transfer_leader(request: web.Request) -> web.Response:
             raise ApiError(e.status if e.status < 500 else 502, e.message) from None
     if c.registry is None or not c.registry.is_leader:
         raise ApiError(503, "leadership is moving already; try again")
-    moved = await c.registry.transfer_leadership(to_addr, timeout=10.0)
-    if not moved:
-        raise ApiError(503, "the leader could not hand over within 10 s (no caught-up voter?)")
+    # pysyncobj only hands over to a voter that has caught up; a busy one may need another try
+    for _ in range(4):
+        if await c.registry.transfer_leadership(to_addr, timeout=5.0) or not c.registry.is_leader:
+            break
     new = c.registry.status().get("leader")
+    if c.registry.is_leader or (to_addr is not None and new != to_addr):
+        raise ApiError(503, f"the leader could not hand over to {to_addr or 'another voter'} within 20 s "
+                            f"(no caught-up voter?); leader now {new}")
     c.events.publish("raft.leader_transfer", region=region, from_=c.id, to=new)
     return json_response({"region": region, "moved": True, "leader_raft_addr": new})
 

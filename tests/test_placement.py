@@ -63,7 +63,7 @@ def test_leader_transfer(cluster: list[NodeProc]) -> None:
     wait_until(lambda: leader() is not None, 30, what="a Raft leader")
     before = leader()
     voters = [m["id"] for m in members(n) if m["role"] == "control" and m["id"] != before]
-    r = httpx.post(n.url + "/api/v1/cluster/leader/transfer", json={"to": voters[0]}, timeout=30)
+    r = httpx.post(n.url + "/api/v1/cluster/leader/transfer", json={"to": voters[0]}, timeout=60)
     assert r.status_code == 200, r.text
     wait_until(lambda: leader() == voters[0], 30, what="leadership to move to the chosen voter")
     bad = httpx.post(n.url + "/api/v1/cluster/leader/transfer", json={"to": "n-nope"}, timeout=30)
