@@ -131,28 +131,49 @@ async def respond_stream(
     if first.get("done") and first.get("done_reason") in ("load", "unload"):
         return json_response(first)  # Ollama answers load/unload with one object even when streaming
     if not stream:
-        chunks = [first]
+        merged = await collect(first, rest, merge)
+        _count_tokens(request, merged)
+        return json_response(merged)
+    resp, last = await write_ndjson(request, first, rest)
+    _count_tokens(request, last)
+    return resp
+
+
+async def collect(
+    first: dict[str, Any], rest: AsyncIterator[dict[str, Any]], merge: Callable[[list[dict[str, Any]]], dict[str, Any]]
+) -> dict[str, Any]:
+    """A generation's chunks as one answer (`merge_generate` / `merge_chat`); an error chunk fails it with a 500
+    (native and OpenAI routes, when not streaming)."""
+    chunks = [first]
+    try:
         async for c in rest:
             chunks.append(c)
             if "error" in c:
-                return error_response(500, c["error"])
-        if "error" in first:
-            return error_response(500, first["error"])
-        _count_tokens(request, chunks[-1])
-        return json_response(merge(chunks))
+                raise ApiError(500, c["error"])
+    finally:
+        await rest.aclose()  # type: ignore[attr-defined]
+    if "error" in first:
+        raise ApiError(500, first["error"])
+    return merge(chunks)
+
+
+async def write_ndjson(
+    request: web.Request, first: dict[str, Any], rest: AsyncIterator[dict[str, Any]]
+) -> tuple[web.StreamResponse, dict[str, Any]]:
+    """Stream `first` and then `rest` as NDJSON, one object a line as it comes; returns the response and the
+    last object written."""
     resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
     await resp.prepare(request)
+    last = first
     try:
         await resp.write(_line(first))
-        last = first
         async for c in rest:
             await resp.write(_line(c))
             last = c
-        _count_tokens(request, last)
     finally:
         await rest.aclose()  # type: ignore[attr-defined]
     await resp.write_eof()
-    return resp
+    return resp, last
 
 
 def _count_tokens(request: web.Request, final: dict[str, Any]) -> None:
@@ -246,20 +267,17 @@ async def unload_everywhere(
     local: Callable[[], AsyncIterator[dict[str, Any]]],
 ) -> AsyncIterator[dict[str, Any]]:
     """keep_alive 0 unloads the model on every node that has it loaded, not just the one asked."""
-    router = request.app[ROUTER]
-    key = model_key(raw_model)
-    peers = [t for t in router.peers() if key in (router.meta_of(t.id).get("models") or [])]
-    results = await router.fanout(peers, "POST", path, {**body, "stream": False}, limit_s=30.0)
+    answers, errors = await request.app[ROUTER].on_holders(raw_model, "models", "POST", path,
+                                                           {**body, "stream": False})
     first: dict[str, Any] | None = None
-    if has_model(request, raw_model) or not peers:
+    if has_model(request, raw_model) or not (answers or errors):  # no peer had it loaded: the local path answers
         async for c in local():
             first = first or c
-    for _t, res, _err in results:
-        if first is None and isinstance(res, dict):
-            first = res
     if first is None:
-        errs = [e for _t, _r, e in results if e is not None]
-        raise ApiError(errs[0].status if errs else 404, errs[0].message if errs else f"model '{raw_model}' not found")
+        first = next((a for a in answers if isinstance(a, dict)), None)
+    if first is None:
+        err = errors[0][1] if errors else None
+        raise ApiError(err.status if err else 404, err.message if err else f"model '{raw_model}' not found")
     yield first
 
 
@@ -388,13 +406,8 @@ async def _on_holders(request: web.Request, raw_model: str, method: str, path: s
     router = request.app[ROUTER]
     if router.is_routed(request):
         return 0, []
-    ok, errors = 0, []
-    for t, _res, err in await router.fanout(router.holders(raw_model), method, path, body, limit_s=30.0):
-        if err is None:
-            ok += 1
-        elif err.status != 404:
-            errors.append(f"{t.id}: {err.message}")
-    return ok, errors
+    answers, errors = await router.on_holders(raw_model, "have", method, path, body)
+    return len(answers), [f"{t.id}: {err.message}" for t, err in errors if err.status != 404]
 
 
 async def api_copy(request: web.Request) -> web.Response:
@@ -522,12 +535,7 @@ async def respond_progress(
         if "error" in last:
             return error_response(500, last["error"])
         return json_response(last)
-    resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
-    await resp.prepare(request)
-    await resp.write(_line(first))
-    async for c in rest:
-        await resp.write(_line(c))
-    await resp.write_eof()
+    resp, _last = await write_ndjson(request, first, rest)
     return resp
 
 

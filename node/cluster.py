@@ -254,13 +254,10 @@ class Cluster:
             st = self.registry.status()
             raft = {"addr": self.raft_addr, "state": st.get("raft_state"), "leader": st.get("leader"),
                     "term": st.get("term")}
-        live = [r for r in self.runners.runners.values() if not r.dead]
-        loaded = sorted(r.spec.name for r in live)[:16]
-        inflight = sum(r.inflight for r in live)
-        queue = sum(max(0, r.inflight - r.num_parallel) for r in live)
+        loaded = sorted(r.spec.name for r in self.runners.live())[:16]
         mine = self.reg.get("nodes", {}).get(self.id, {})
         return {"region": cfg.region, "role": cfg.role, "api": self.api_url, "raft": raft, "models": loaded,
-                "have": self._have, "inflight": inflight, "queue": queue,
+                "have": self._have, "inflight": self.runners.inflight, "queue": self.runners.queued,
                 "slots": cfg.num_parallel * cfg.max_loaded_models, "mem_avail": _meminfo("MemAvailable"),
                 "mem_total": _MEM_TOTAL,
                 "cordoned": bool(mine.get("cordoned")), "draining": bool(mine.get("draining")), **self.extra_meta}

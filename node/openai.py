@@ -15,7 +15,17 @@ from aiohttp import web
 
 from omx.models.names import InvalidModelName, ModelName
 from omx.node import inference
-from omx.node.app import INFER, cluster_tags, has_model, json_response, route_chat, route_generate
+from omx.node.app import (
+    INFER,
+    cluster_tags,
+    collect,
+    has_model,
+    json_response,
+    merge_chat,
+    merge_generate,
+    route_chat,
+    route_generate,
+)
 from omx.node.metrics import MODEL_KEY
 from omx.node.router import ROUTER, model_key
 from omx.protocols.api import ApiError, ChatRequest, GenerateRequest, load_json
@@ -193,15 +203,10 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     cid, created = f"chatcmpl-{random.randint(0, 998)}", int(time.time())
     base = {"id": cid, "created": created, "model": model, "system_fingerprint": "fp_ollama"}
     if not stream:
-        chunks = [first] + [c async for c in rest]
-        for c in chunks:
-            if "error" in c:
-                raise ApiError(500, c["error"])
-        final = chunks[-1]
-        content = "".join(c.get("message", {}).get("content", "") for c in chunks)
+        final = await collect(first, rest, merge_chat)
         return json_response({**base, "object": "chat.completion", "choices": [
-            {"index": 0, "message": {"role": "assistant", "content": content},
-             "finish_reason": _finish(final.get("done_reason"))}], "usage": _usage(final)})
+            {"index": 0, "message": final["message"], "finish_reason": _finish(final.get("done_reason"))}],
+            "usage": _usage(final)})
 
     def shape(c: dict[str, Any]) -> list[Any]:
         obj = {**base, "object": "chat.completion.chunk"}
@@ -241,13 +246,8 @@ async def completions(request: web.Request) -> web.StreamResponse:
     base = {"id": cid, "object": "text_completion", "created": created, "model": model,
             "system_fingerprint": "fp_ollama"}
     if not stream:
-        chunks = [first] + [c async for c in rest]
-        for c in chunks:
-            if "error" in c:
-                raise ApiError(500, c["error"])
-        final = chunks[-1]
-        text = "".join(c.get("response", "") for c in chunks)
-        return json_response({**base, "choices": [{"text": text, "index": 0,
+        final = await collect(first, rest, merge_generate)
+        return json_response({**base, "choices": [{"text": final["response"], "index": 0,
                               "finish_reason": _finish(final.get("done_reason"))}], "usage": _usage(final)})
     zero = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
 

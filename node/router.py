@@ -219,12 +219,10 @@ class Router:
     def _local_target(self, key: str, has_local: bool) -> Target | None:
         if not has_local:
             return None
-        live = [r for r in self.runners.runners.values() if not r.dead]
-        loaded = any(model_key(r.spec.name) == key for r in live)
+        loaded = any(model_key(r.spec.name) == key for r in self.runners.live())
         slots = self.cfg.num_parallel * self.cfg.max_loaded_models
-        inflight = sum(r.inflight for r in live)
         return Target(self.cluster.id, self.cluster.api_url, "local", self.cluster.id, self.cfg.region, loaded,
-                      inflight / max(1, slots))
+                      self.runners.inflight / max(1, slots))
 
     def targets(self, raw_model: str, has_local: bool, prefix: str = "") -> list[Target]:
         """Every replica that can serve the model now, best first (the policy's order)."""
@@ -550,9 +548,10 @@ class Router:
                 out.append(Target(m.id, meta["api"], "node", m.id, meta.get("region"), False, 0.0))
         return out
 
-    def holders(self, raw_model: str) -> list[Target]:
+    def holders(self, raw_model: str, field_name: str = "have") -> list[Target]:
+        """The peers whose gossip `field_name` lists the model: holding it (have) or having it loaded (models)."""
         key = model_key(raw_model)
-        return [t for t in self.peers() if key in (self.meta_of(t.id).get("have") or [])]
+        return [t for t in self.peers() if key in (self.meta_of(t.id).get(field_name) or [])]
 
     def covering(self, field_name: str) -> list[Target]:
         """The fewest peers whose gossip `field_name` lists (have / models) cover every name any peer lists:
@@ -585,6 +584,19 @@ class Router:
                 return t, None, e
 
         return list(await asyncio.gather(*(one(t) for t in targets)))
+
+    async def on_holders(self, raw_model: str, field_name: str, method: str, path: str, body: Any = None,
+                         limit_s: float = 30.0) -> tuple[list[Any], list[tuple[Target, UpstreamError]]]:
+        """The same request to every peer `holders(raw_model, field_name)` names: the answers of those that
+        succeeded, and each failed peer with its error."""
+        answers: list[Any] = []
+        errors: list[tuple[Target, UpstreamError]] = []
+        for t, res, err in await self.fanout(self.holders(raw_model, field_name), method, path, body, limit_s):
+            if err is None:
+                answers.append(res)
+            else:
+                errors.append((t, err))
+        return answers, errors
 
     # ---- external instances --------------------------------------------------------------------------
     def external_urls(self) -> list[str]:

@@ -65,6 +65,11 @@ class Runner:
     def pid(self) -> int:
         return self.proc.pid
 
+    @property
+    def queued(self) -> int:
+        """Requests waiting for one of the runner's parallel slots."""
+        return max(0, self.inflight - self.num_parallel)
+
     async def wait_ready(self, limit: float) -> None:
         assert self.proc.stdout is not None
         try:
@@ -171,6 +176,20 @@ class RunnerManager:
         self.runners: dict[str, Runner] = {}
         self._loading: dict[str, asyncio.Future[Runner]] = {}
         self._lock = asyncio.Lock()
+
+    # ---- what is loaded now ------------------------------------------------------------------
+    def live(self) -> list[Runner]:
+        """Runners whose process is up (a dead one stays listed until its last request is released)."""
+        return [r for r in self.runners.values() if not r.dead]
+
+    @property
+    def inflight(self) -> int:
+        """Requests running or queued on the live runners: this node's load, as gossip advertises it."""
+        return sum(r.inflight for r in self.live())
+
+    @property
+    def queued(self) -> int:
+        return sum(r.queued for r in self.live())
 
     # ---- loading ---------------------------------------------------------------------------
     async def acquire(self, spec: LoadSpec) -> tuple[Runner, float]:

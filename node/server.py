@@ -73,7 +73,7 @@ def _live_state(app: web.Application) -> dict[str, object]:
     runners = app[RUNNERS]
     state: dict[str, object] = {
         "inflight": {r.spec.name: r.inflight for r in runners.runners.values()},
-        "loaded": sum(1 for r in runners.runners.values() if not r.dead),
+        "loaded": len(runners.live()),
     }
     cluster = app[CLUSTER]
     if cluster.swim is not None:
@@ -83,7 +83,7 @@ def _live_state(app: web.Application) -> dict[str, object]:
     router = app[ROUTER]
     state["router"] = {
         "retries": router.retries_total, "resumes": router.resumes_total, "inflight": router.inflight,
-        "queue": {r.spec.name: max(0, r.inflight - r.num_parallel) for r in runners.runners.values()},
+        "queue": {r.spec.name: r.queued for r in runners.runners.values()},
         "circuits": {tid: b.state for tid, b in router.breakers.items()},
     }
     if cluster.registry is not None:

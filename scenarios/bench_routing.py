@@ -22,13 +22,9 @@ import httpx
 from omx.models.demo import ensure_demo_model
 from omx.models.store import Store
 from omx.node.launch import start_cluster, wait_until
+from omx.node.router import percentile
 
 BODY = {"model": "solo", "prompt": "hello world", "stream": False, "options": {"num_predict": 1, "temperature": 0}}
-
-
-def pct(xs: list[float], q: float) -> float:
-    s = sorted(xs)
-    return s[min(len(s) - 1, int(q * len(s)))]
 
 
 def main() -> None:
@@ -69,9 +65,11 @@ def main() -> None:
                 c.close()
             print(f"{args.requests} requests per path, concurrency {args.concurrency}, 1-token generate (ms)")
             print(f"{'path':8} {'p50':>8} {'p90':>8} {'p99':>8} {'mean':>8}")
-            for k, xs in times.items():
-                print(f"{k:8} {pct(xs, .5):8.2f} {pct(xs, .9):8.2f} {pct(xs, .99):8.2f} {statistics.mean(xs):8.2f}")
-            d50 = pct(times["routed"], .5) - pct(times["direct"], .5)
+            # every path has args.requests samples, so no percentile is None
+            pcts = {k: [percentile(xs, q) or 0.0 for q in (.5, .9, .99)] for k, xs in times.items()}
+            for k, (p50, p90, p99) in pcts.items():
+                print(f"{k:8} {p50:8.2f} {p90:8.2f} {p99:8.2f} {statistics.mean(times[k]):8.2f}")
+            d50 = pcts["routed"][0] - pcts["direct"][0]
             print(f"routing overhead (p50 routed - p50 direct): {d50:.2f} ms")
         finally:
             for n in nodes:

@@ -1,14 +1,34 @@
-"""Shared fixtures: real node processes on loopback, started and stopped by the tests."""
+"""Shared fixtures and helpers: real node processes on loopback, started and stopped by the tests, and what the
+multi-node tests ask of them (`from conftest import members`; pytest puts this folder on the import path)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
+import httpx
 import pytest
 
 from omx.node.launch import NodeProc, start_node
+from omx.protocols.clusterkey import derive, read_key_file
 
-__all__ = ["NodeProc", "start_node"]
+__all__ = ["NodeProc", "cluster_view", "members", "routed_headers", "start_node"]
+
+
+def cluster_view(node: NodeProc) -> dict[str, Any]:
+    """One node's view of the cluster (`GET /api/v1/cluster`): its gossip members, counts, region leaders."""
+    return httpx.get(node.url + "/api/v1/cluster", timeout=5).json()
+
+
+def members(node: NodeProc) -> list[dict[str, Any]]:
+    return cluster_view(node)["members"]
+
+
+def routed_headers(node: NodeProc) -> dict[str, str]:
+    """The credentials a peer's router sends: the node serves the request itself (tests pin where work runs).
+    The cluster key is the one `start_cluster` wrote next to the nodes' data dirs."""
+    token = derive(read_key_file(node.data_dir.parent / "cluster.key"), "internal http").hex()
+    return {"X-Omx-Routed": "test", "Authorization": f"Bearer {token}"}
 
 
 @pytest.fixture(scope="session")

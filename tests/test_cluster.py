@@ -14,18 +14,15 @@ from pathlib import Path
 
 import httpx
 import pytest
+from conftest import cluster_view, members
 
 from omx.node.launch import NodeProc, start_cluster, wait_until
 
 pytestmark = pytest.mark.timeout(300)
 
 
-def view(node: NodeProc) -> dict:
-    return httpx.get(node.url + "/api/v1/cluster", timeout=5).json()
-
-
 def status_of(node: NodeProc, target: NodeProc) -> str | None:
-    for m in view(node)["members"]:
+    for m in members(node):
         if m["id"] == target.id:
             return m["status"]
     return None
@@ -66,16 +63,16 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
 
 def test_five_nodes_converge(cluster: list[NodeProc]) -> None:
     ids = {n.id for n in cluster}
-    wait_until(lambda: all({m["id"] for m in view(n)["members"] if m["status"] == "alive"} == ids for n in cluster),
+    wait_until(lambda: all({m["id"] for m in members(n) if m["status"] == "alive"} == ids for n in cluster),
                60, what="all 5 nodes to see 5 alive members")
-    v = view(cluster[3])  # a worker shows the whole cluster too
+    worker_view = members(cluster[3])  # a worker shows the whole cluster too
 
     def worker_reads_registry() -> bool:  # a worker holds no replica: it reads through a control node
         reg = httpx.get(cluster[3].url + "/api/v1/registry", timeout=10).json()
         return reg["status"]["has_quorum"] and set(reg["state"]["nodes"]) == {n.id for n in cluster}
 
     wait_until(worker_reads_registry, 30, what="the registry to list all 5 nodes, read from a worker")
-    roles = sorted(m["role"] for m in v["members"])
+    roles = sorted(m["role"] for m in worker_view)
     assert roles == ["control", "control", "control", "worker", "worker"]
     # the leader is elected and advertised in gossip metadata within a refresh period or two
     wait_until(lambda: httpx.get(cluster[4].url + "/api/v1/cluster/leader", timeout=5).status_code == 200, 30,
@@ -128,7 +125,7 @@ def test_node_actions_through_any_node(cluster: list[NodeProc]) -> None:
 
     wait_until(lambda: all(record(n)["draining"] and record(n)["labels"] == {"gpu": "h100"} for n in cluster[:3]),
                10, what="the drain and labels on every replica")
-    wait_until(lambda: next(m for m in view(cluster[2])["members"] if m["id"] == target.id)["draining"], 10,
+    wait_until(lambda: next(m for m in members(cluster[2]) if m["id"] == target.id)["draining"], 10,
                what="the cluster view to show the drain")
     assert httpx.post(f"{cluster[2].url}/api/v1/nodes/{target.id}/uncordon", timeout=10).status_code == 200
     wait_until(lambda: not any(record(n)["cordoned"] or record(n)["draining"] for n in cluster[:3]), 10,
@@ -232,9 +229,9 @@ def test_two_regions_one_gossip_cluster_two_raft_groups(tmp_path: Path) -> None:
     nodes = start_cluster(tmp_path, 4, 2, "--no-demo")
     try:
         regions = {n.id: n.argv[n.argv.index("--region") + 1] for n in nodes}
-        wait_until(lambda: all(len([m for m in view(n)["members"] if m["status"] == "alive"]) == 4 for n in nodes),
+        wait_until(lambda: all(len([m for m in members(n) if m["status"] == "alive"]) == 4 for n in nodes),
                    60, what="4 alive members everywhere")
-        wait_until(lambda: set(view(nodes[0])["leaders"]) == {"region-1", "region-2"}, 60,
+        wait_until(lambda: set(cluster_view(nodes[0])["leaders"]) == {"region-1", "region-2"}, 60,
                    what="a Raft leader in each region")
         for n in nodes:
             wait_until(lambda n=n: set(httpx.get(n.url + "/api/v1/registry", timeout=5).json()["state"]["nodes"])

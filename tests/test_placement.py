@@ -13,25 +13,16 @@ from pathlib import Path
 
 import httpx
 import pytest
+from conftest import members, routed_headers
 
 from omx.node.launch import NodeProc, start_cluster, start_node, wait_until
-from omx.protocols.clusterkey import derive, read_key_file
 
 pytestmark = pytest.mark.timeout(300)
-
-
-def members(node: NodeProc) -> list[dict]:
-    return httpx.get(node.url + "/api/v1/cluster", timeout=5).json()["members"]
 
 
 def model_row(node: NodeProc, name: str) -> dict:
     models = httpx.get(node.url + "/api/v1/models", timeout=10).json()["models"]
     return next((m for m in models if m["name"] == name), {})
-
-
-def routed_headers(node: NodeProc) -> dict[str, str]:
-    token = derive(read_key_file(node.data_dir.parent / "cluster.key"), "internal http").hex()
-    return {"X-Omx-Routed": "test", "Authorization": f"Bearer {token}"}
 
 
 @pytest.fixture(scope="module")

@@ -17,25 +17,13 @@ import httpx
 import ollama
 import openai
 import pytest
+from conftest import members, routed_headers
 
 from omx.node.launch import NodeProc, start_cluster, start_node, wait_until
 
 pytestmark = pytest.mark.timeout(300)
 
 GREEDY = {"temperature": 0, "num_predict": 1500, "stop": []}  # long enough to be mid-stream when killed
-
-
-def local_request(node: NodeProc, path: str, body: dict) -> httpx.Response:
-    """Ask one node to serve a request itself, as a peer's router does (tests pin where a model loads)."""
-    from omx.protocols.clusterkey import derive, read_key_file
-
-    token = derive(read_key_file(node.data_dir.parent / "cluster.key"), "internal http").hex()
-    return httpx.post(node.url + path, json=body, timeout=120,
-                      headers={"X-Omx-Routed": "test", "Authorization": f"Bearer {token}"})
-
-
-def members(node: NodeProc) -> list[dict]:
-    return httpx.get(node.url + "/api/v1/cluster", timeout=5).json()["members"]
 
 
 def advertised(nodes: list[NodeProc], holder: NodeProc, model: str) -> bool:
@@ -233,7 +221,9 @@ def test_midstream_kill_resumes_on_another_replica(cluster: list[NodeProc]) -> N
     assert ref["eval_count"] == GREEDY["num_predict"]
     # unload duo everywhere, then load it on node 1 only (the router prefers a replica with the model loaded)
     assert httpx.post(n3.url + "/api/generate", json={"model": "duo", "keep_alive": 0}, timeout=60).status_code == 200
-    assert local_request(n1, "/api/generate", {"model": "duo", "keep_alive": "10m"}).status_code == 200
+    pinned = httpx.post(n1.url + "/api/generate", json={"model": "duo", "keep_alive": "10m"},
+                        headers=routed_headers(n1), timeout=120)
+    assert pinned.status_code == 200
 
     def loaded_per_gossip() -> dict[str, bool]:  # what node 3's router decides from
         return {m["id"]: "duo:latest" in (m["meta"].get("models") or []) for m in members(n3)}
