@@ -163,7 +163,8 @@ async def test_large_feed_renders_every_row() -> None:
     async with app.run_test(size=(150, 40)) as pilot:
         await ready(pilot)
         assert app.query_one(NodesTable).row_count == 1000
-        assert app.query_one(InstancesTable).row_count == 0  # hidden screens are drawn when shown
+        while app.query_one(InstancesTable).row_count < 5000:  # hidden screens catch up after the poll
+            await pilot.pause(0.05)
         await pilot.press("2")
         await pilot.pause()
         assert app.query_one(InstancesTable).row_count == 5000
@@ -220,3 +221,44 @@ async def test_table_keeps_the_cursor_on_its_row_when_rows_come_and_go() -> None
         await pilot.pause()
         assert table.selected_key == key and table.row_count == 45
         assert str(table.cells["node-0010"][0]) == "node-0010" and "node-0001" not in table.cells
+
+
+def screen_text(app: OmxConsole) -> str:
+    """What the terminal shows now, as plain text."""
+    update = app.screen._compositor.render_update(full=True)
+    return "\n".join("".join(seg.text for seg in strip) for strip in update.strips)  # type: ignore[attr-defined]
+
+
+async def test_a_switch_is_drawn_in_one_frame_and_no_later_change_is_lost() -> None:
+    """Switching to a screen seen before reaches the terminal as one frame showing the new screen (a second,
+    identical frame used to follow 30-60 ms later); a change that arrives after that frame is still drawn."""
+    src = FrozenSource(sample_snapshot(nodes=300, instances=900))
+    app = OmxConsole(src, poll_interval=3600, live_events=False)
+    async with app.run_test(size=(150, 40)) as pilot:
+        await ready(pilot)
+        frames: list[str] = []
+        display = app._display
+
+        def catch(screen: Any, renderable: Any) -> None:
+            display(screen, renderable)
+            if renderable is not None:
+                frames.append(type(renderable).__name__)
+
+        app._display = catch  # type: ignore[method-assign]
+        for key in "2341":  # first visits fill the tables (a layout of its own); then switches are timed
+            await pilot.press(key)
+            await pilot.pause()
+        for key, marker in (("2", "900 instances"), ("4", "requests/s"), ("3", "models"), ("1", "300 members")):
+            frames.clear()
+            await pilot.press(key)
+            await pilot.pause()
+            await pilot.pause()
+            assert len(frames) == 1, (key, frames)
+            assert marker in screen_text(app), key
+        # the poll after the switch: a member goes dead, its row must be redrawn
+        snap = app.snap
+        assert snap is not None
+        first = snap.members[0]
+        app.apply(replace(snap, members=(replace(first, status="dead", api_addr="changed-addr:1"), *snap.members[1:])))
+        while "changed-addr:1" not in screen_text(app):
+            await pilot.pause(0.02)

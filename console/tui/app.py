@@ -20,6 +20,7 @@ from textual.app import App, ComposeResult
 from textual.binding import Binding, BindingType
 from textual.command import DiscoveryHit, Hit, Hits, Provider
 from textual.containers import Vertical
+from textual.css.query import NoMatches
 from textual.screen import ModalScreen
 from textual.widgets import ContentSwitcher, Header, Input, OptionList, Select, Static
 from textual.widgets.option_list import Option
@@ -40,14 +41,15 @@ from omx.console.tui.panes import (
     NodesTable,
     PlaygroundPane,
 )
-from omx.console.tui.widgets import ConfirmScreen, Field, FormScreen, KeyBar, LiveTable, TabBar
+from omx.console.tui.widgets import ConfirmScreen, Field, FormScreen, KeyBar, LiveTable, OneFrameScreen, TabBar
 
 TABS = (("cluster", "Cluster"), ("instances", "Instances"), ("models", "Models"), ("metrics", "Metrics"),
         ("events", "Events"), ("playground", "Playground"))
 TABLE_FOR = {"node": ("cluster", NodesTable), "model": ("models", ModelsTable),
              "instance": ("instances", InstancesTable)}
-# events that change what the screens show: they wake the poller early
 GC_FULL_EVERY = 600.0  # seconds between full garbage collections (see OmxConsole._collect_garbage)
+CATCH_UP_DELAY = 0.03  # seconds between hidden screens brought up to date after a poll (key presses go between)
+# events that change what the screens show: they wake the poller early
 WAKE_KINDS = ("member.", "raft.", "registry.", "model.", "router.", "scheduler.", "transfer.")
 
 
@@ -119,9 +121,6 @@ class OmxConsole(App[None]):
     #banner.-error { background: $error; color: $text; text-style: bold; }
     .summary { height: 1; padding: 0 1; }
     LiveTable, EventsTable { height: 1fr; }
-    #charts { grid-size: 3 2; grid-gutter: 0 1; height: 14; }
-    .chart { border: round $primary; height: 7; padding: 0 1; }
-    .chart Sparkline { height: 4; }
     #events-bar, #playground-bar { height: 3; }
     #events-filter { width: 1fr; }
     #events-status { width: auto; max-width: 60; padding: 1 1 0 1; }
@@ -155,10 +154,14 @@ class OmxConsole(App[None]):
         self._wake = asyncio.Event()
         self._failovers_seen = 0
         self._stale: set[str] = set()  # screens not yet redrawn with the latest snapshot
+        self._catching_up = False
         self.active_tab = "cluster"
         self._gc_full_at = time.monotonic()
 
     # ---- layout ---------------------------------------------------------------------------------
+    def get_default_screen(self) -> OneFrameScreen:
+        return OneFrameScreen(id="_default")
+
     def compose(self) -> ComposeResult:
         yield Header()
         yield Static("connecting to " + self.source.url + " …", id="banner")
@@ -261,10 +264,29 @@ class OmxConsole(App[None]):
                       f"{counts.get('alive', 0)}/{len(snap.members)} alive · leader {leader}")
         self.history.add(snap)
         self._collect_garbage()
-        # Only the visible screen is redrawn each poll; the others catch up when shown. With thousands of rows a
-        # full refresh of every table would hold the event loop long enough to delay key presses.
+        # The visible screen is redrawn at once; the hidden ones catch up one at a time in the idle moments
+        # after (see _catch_up), so a switch finds its screen current instead of diffing thousands of rows
+        # between the key press and the frame, and no single step holds the event loop for long.
         self._stale = {tab for tab, _ in TABS}
         self._show(self.active_tab)
+        self._schedule_catch_up()
+
+    def _schedule_catch_up(self) -> None:
+        if self._stale - {self.active_tab} and not self._catching_up:
+            self._catching_up = True
+            self.set_timer(CATCH_UP_DELAY, self._catch_up)
+
+    def _catch_up(self) -> None:
+        """Bring one hidden screen up to date with the latest snapshot, then schedule the next."""
+        self._catching_up = False
+        for tab, _ in TABS:
+            if tab in self._stale and tab != self.active_tab:
+                try:
+                    self._show(tab)
+                except NoMatches:  # the app is closing and its screens are gone
+                    return
+                break
+        self._schedule_catch_up()
 
     def _collect_garbage(self) -> None:
         """Keep CPython's full collections off the key path.

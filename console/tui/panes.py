@@ -10,12 +10,12 @@ from typing import ClassVar
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
-from textual.containers import Grid, Horizontal, Vertical, VerticalScroll
-from textual.widgets import Input, Label, Select, Sparkline, Static
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.widgets import Input, Label, Select, Static
 
 from omx.console.tui.actions import for_target
 from omx.console.tui.data import EventRow, Instance, Member, MetricPoint, ModelInfo, Snapshot
-from omx.console.tui.widgets import LiveTable
+from omx.console.tui.widgets import ChartGrid, LiveTable
 
 STATUS_STYLE = {"alive": "bold green", "healthy": "bold green", "suspect": "bold yellow", "dead": "bold red",
                 "left": "dim", "unhealthy": "bold red", "draining": "yellow", "cordoned": "yellow",
@@ -199,11 +199,7 @@ class MetricsTable(LiveTable):
 class MetricsPane(Vertical):
     def compose(self) -> ComposeResult:
         yield Static(id="metrics-summary", classes="summary")
-        with Grid(id="charts"):
-            for s, title in SERIES_TITLES.items():
-                with Vertical(classes="chart"):
-                    yield Label(title, id=f"label-{s}")
-                    yield Sparkline([], id=f"spark-{s}")
+        yield ChartGrid(id="charts")
         yield MetricsTable(id="metrics-nodes")
 
     def show(self, snap: Snapshot, hist: MetricsHistory) -> None:
@@ -212,9 +208,8 @@ class MetricsPane(Vertical):
         self.query_one("#metrics-summary", Static).update(Text(f" cluster-wide and per node, from {what}",
                                                                style="bold"))
         cur = snap.metrics.cluster if snap.metrics else MetricPoint()
-        for s, title in SERIES_TITLES.items():
-            self.query_one(f"#spark-{s}", Sparkline).data = list(hist.cluster[s]) or [0.0]
-            self.query_one(f"#label-{s}", Label).update(f"{title}: {fmt(getattr(cur, s))}")
+        self.query_one(ChartGrid).set_charts([(f"{title}: {fmt(getattr(cur, s))}", hist.cluster[s])
+                                              for s, title in SERIES_TITLES.items()])
         items = []
         if snap.metrics:
             items = [(nid, (nid, p, spark(hist.per_node.get(nid, ()))))

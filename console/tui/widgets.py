@@ -10,7 +10,8 @@ from rich.cells import cell_len
 from rich.segment import Segment
 from rich.style import Style
 from rich.text import Text
-from textual import events, on
+from textual import events, messages, on
+from textual._time import get_time
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Grid, Horizontal, Vertical
@@ -161,6 +162,8 @@ class LiveTable(ScrollView, can_focus=True):
             self._index = {k: i for i, k in enumerate(keys)}
             self._clear_strips()  # zebra parity follows the position
         widened = False
+        top = round(self.scroll_y)
+        bottom = top + self._page  # once per sync: the region it comes from is costly to compute per row
         for key, value in items:
             old = self._values.get(key, _MISSING)
             if old is value or old == value:
@@ -169,8 +172,8 @@ class LiveTable(ScrollView, can_focus=True):
             self._drop_row(key)
             if old is _MISSING:  # new rows are measured at once so the columns fit them
                 widened |= self._measure(self._row_cells(key))
-            elif not reordered and self._in_view(self._index[key]):
-                self.refresh_line(self._index[key] + 1)
+            elif not reordered and top <= (row := self._index[key]) < bottom:
+                self.refresh_line(row + 1)
         if widened:
             self._resized()
         if reordered:
@@ -178,10 +181,6 @@ class LiveTable(ScrollView, can_focus=True):
             row = self._index.get(selected, self.cursor_row) if selected is not None else self.cursor_row
             self.cursor_row = max(0, min(row, len(self._keys) - 1))
             self.refresh()
-
-    def _in_view(self, row: int) -> bool:
-        top = round(self.scroll_y)
-        return top <= row < top + self._page
 
     def clear(self) -> None:
         self.sync([], self._render)
@@ -275,17 +274,32 @@ class LiveTable(ScrollView, can_focus=True):
             self.action_select_cursor()
 
     def _on_focus(self, event: events.Focus) -> None:
-        if self.screen.focused is not self:
-            event.prevent_default()  # stale: focus already moved on (see _on_blur)
+        """Skip the default repaint when the console already drew this table focused (it sets has_focus itself
+        on a switch, so the first frame is the right one); the default handler's refresh would cost a second
+        frame one screen update later. A stale Focus (focus already moved on, see _on_blur) is ignored too."""
+        if self.screen.focused is not self or self.has_focus:
+            event.prevent_default()
+            if self.screen.focused is self and self.parent is not None:
+                self.parent.post_message(events.DescendantFocus(self))
 
     def _on_blur(self, event: events.Blur) -> None:
-        """Ignore a Blur that arrives after focus came back (the console sets has_focus itself on a switch).
+        """Ignore a Blur that arrives after focus came back or after the console already blurred the table.
 
         A hidden pane's table gets its Blur late; applied then, it would restyle a focused table as blurred
         and back again, two extra frames after the new screen was drawn.
         """
-        if self.screen.focused is self:
+        if self.screen.focused is self or not self.has_focus:
             event.prevent_default()
+            if self.screen.focused is not self and self.parent is not None:
+                self.parent.post_message(events.DescendantBlur(self))
+
+    def _size_updated(self, size: Size, virtual_size: Size, container_size: Size, layout: bool = True) -> bool:
+        """Compare against our own virtual size (set from the rows), not the compositor's.
+
+        ScrollView compares the compositor's virtual size (always the viewport) with the table's (the rows), so
+        every layout pass counts as a resize and repaints the scrollbars: one more frame after each switch.
+        """
+        return super()._size_updated(size, self.virtual_size, container_size, layout)
 
     # ---- drawing --------------------------------------------------------------------------------------
     def notify_style_update(self) -> None:
@@ -372,6 +386,133 @@ class LiveTable(ScrollView, can_focus=True):
                 return Strip.blank(width, base)
             strip = self._row_strip(row)
         return strip.crop_extend(scroll_x, scroll_x + width, base)
+
+
+class ChartGrid(Widget):
+    """Live charts in a grid: each a rounded box with a title line and a block sparkline, newest value right.
+
+    One widget drawing every chart from cached strips: the six charts of the Metrics screen were eighteen
+    widgets (box, label, Textual Sparkline), and a switch to the screen spent more time styling and painting
+    them than everything else on it; here a chart's lines are built once per change of data, size or theme.
+    """
+
+    COMPONENT_CLASSES: ClassVar[set[str]] = {"chartgrid--box", "chartgrid--title", "chartgrid--bars"}
+    DEFAULT_CSS = """
+    ChartGrid {
+        height: 14;
+        & > .chartgrid--box { color: $primary; }
+        & > .chartgrid--title { text-style: bold; }
+        & > .chartgrid--bars { color: $primary; }
+    }
+    """
+    LEVELS = " ▁▂▃▄▅▆▇█"
+    BAR_ROWS = 4  # chart height is this plus the title line and the box
+
+    def __init__(self, columns: int = 3, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.columns = columns
+        self._charts: tuple[tuple[str, tuple[float, ...]], ...] = ()
+        self._lines: tuple[tuple[Any, ...], list[Strip]] | None = None  # (key, lines)
+
+    @property
+    def charts(self) -> tuple[tuple[str, tuple[float, ...]], ...]:
+        return self._charts
+
+    def set_charts(self, charts: Sequence[tuple[str, Sequence[float]]]) -> None:
+        """(title, values) per chart, in reading order; repaints only when something changed."""
+        new = tuple((title, tuple(values)) for title, values in charts)
+        if new != self._charts:
+            self._charts = new
+            self.refresh()
+
+    def notify_style_update(self) -> None:
+        super().notify_style_update()
+        self._lines = None  # theme or CSS changed
+
+    def _bars(self, values: tuple[float, ...], width: int) -> list[str]:
+        shown = values[-width:] if width > 0 else ()
+        top = max(shown, default=0.0) or 1.0
+        levels = [max(0, round(v / top * self.BAR_ROWS * 8)) for v in shown]
+        pad = " " * (width - len(shown))
+        return [pad + "".join(self.LEVELS[min(8, max(0, lv - (self.BAR_ROWS - 1 - y) * 8))] for lv in levels)
+                for y in range(self.BAR_ROWS)]
+
+    def _build(self, width: int, height: int) -> list[Strip]:
+        base = self.rich_style
+        box = base + self.get_component_rich_style("chartgrid--box")
+        title_style = base + self.get_component_rich_style("chartgrid--title")
+        bars_style = base + self.get_component_rich_style("chartgrid--bars")
+        cols = max(1, self.columns)
+        gap = 1
+        widths = [(width - gap * (cols - 1)) // cols + (1 if i < (width - gap * (cols - 1)) % cols else 0)
+                  for i in range(cols)]
+        chart_h = self.BAR_ROWS + 3
+        lines: list[list[Segment]] = [[] for _ in range(height)]
+        for n, (title, values) in enumerate(self._charts):
+            row, col = divmod(n, cols)
+            y0 = row * chart_h
+            w = widths[col]
+            if y0 + chart_h > height or w < 4:
+                continue
+            inner = w - 4  # box and one cell of padding each side
+            body = [(title[:inner].ljust(inner), title_style)] + [(b, bars_style) for b in self._bars(values, inner)]
+            out = [[Segment("╭" + "─" * (w - 2) + "╮", box)]]
+            out += [[Segment("│ ", box), Segment(text, style), Segment(" │", box)] for text, style in body]
+            out.append([Segment("╰" + "─" * (w - 2) + "╯", box)])
+            x = sum(widths[:col]) + gap * col
+            for dy, segs in enumerate(out):
+                line = lines[y0 + dy]
+                used = sum(seg.cell_length for seg in line)
+                if used < x:
+                    line.append(Segment(" " * (x - used), base))
+                line.extend(segs)
+        return [Strip(segs, sum(seg.cell_length for seg in segs)).extend_cell_length(width, base)
+                for segs in lines]
+
+    def render_line(self, y: int) -> Strip:
+        width, height = self.size
+        key = (self._charts, width, height)
+        if self._lines is None or self._lines[0] != key:
+            self._lines = (key, self._build(width, height))
+        lines = self._lines[1]
+        return lines[y] if 0 <= y < len(lines) else Strip.blank(width, self.rich_style)
+
+
+class OneFrameScreen(Screen[None]):
+    """The console's main screen: after a full repaint, repaints requested before it are not drawn again.
+
+    A switch of screen repaints everything in one frame, but the widgets whose refresh led to it report
+    that refresh to the screen from their own message queues, often only after the frame was drawn;
+    Textual then draws them once more on the next update tick, a redundant second frame that arrives
+    30-60 ms after the first on a busy machine. What was requested before a full repaint is in it, so
+    those late reports are dropped here. (Relies on Textual's screen update internals, pinned in pyproject.)
+    """
+
+    _painted_at = float("-inf")
+    _paint_deferred = False
+
+    def _on_timer_update(self) -> None:
+        full = self._repaint_required and self.is_current and not self.app._batch_count
+        started = get_time()
+        # a layout followed by a full repaint in the same tick: paint once, after both
+        self._paint_deferred = full
+        try:
+            super()._on_timer_update()
+        finally:
+            self._paint_deferred = False
+        if full:
+            self._painted_at = started
+            for widget in self._compositor.visible_widgets:
+                widget._repaint_required = False  # drawn just now, with whatever it changed before
+
+    def _compositor_refresh(self) -> None:
+        if not self._paint_deferred or not self._repaint_required:
+            super()._compositor_refresh()
+
+    async def _on_update(self, message: messages.Update) -> None:
+        if message.time < self._painted_at:
+            message.stop()
+            message.prevent_default()  # Screen._on_update would queue a repaint of what is already drawn
 
 
 class TabBar(Widget):
