@@ -164,7 +164,7 @@ class Scheduler:
             await self._release(key)
 
     def _loaded(self, key: str) -> bool:
-        return any(model_key(r.spec.name) == key and not r.dead for r in self.infer.runners.runners.values())
+        return any(model_key(r.spec.name) == key for r in self.infer.runners.live())
 
     async def _load(self, key: str) -> None:
         try:

@@ -485,7 +485,8 @@ class OneFrameScreen(Screen[None]):
     that refresh to the screen from their own message queues, often only after the frame was drawn;
     Textual then draws them once more on the next update tick, a redundant second frame that arrives
     30-60 ms after the first on a busy machine. What was requested before a full repaint is in it, so
-    those late reports are dropped here. (Relies on Textual's screen update internals, pinned in pyproject.)
+    those late reports are dropped here. Builds on Textual's screen update internals: textual is pinned
+    below 9 in pyproject, and test_console_app.py's one-frame test guards the behaviour.
     """
 
     _painted_at = float("-inf")
