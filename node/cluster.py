@@ -15,6 +15,7 @@ import hmac
 import json
 import logging
 import os
+import shutil
 import socket
 import time
 from collections import Counter
@@ -69,6 +70,65 @@ def _meminfo(field: str) -> int:
 
 
 _MEM_TOTAL = _meminfo("MemTotal")
+MIB = 1 << 20
+GPU_QUERY = ("--query-gpu=memory.used,memory.total,utilization.gpu", "--format=csv,noheader,nounits")
+GPU_EVERY = 10.0  # seconds between GPU probes (nvidia-smi costs tens of ms)
+MAX_GPUS = 16  # gossip metadata carries at most this many
+
+
+def parse_gpus(out: str) -> list[list[int]]:
+    """[used MiB, total MiB, utilization %] per GPU from nvidia-smi's GPU_QUERY output; odd lines skipped.
+
+    Compact lists, not objects: they ride in every gossip packet that carries this node's metadata.
+    Utilization is -1 where the driver reports none ([N/A], e.g. on MIG slices).
+    """
+    gpus: list[list[int]] = []
+    for line in out.splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) != 3:
+            continue
+        try:
+            used, total = int(float(parts[0])), int(float(parts[1]))
+        except ValueError:
+            continue
+        try:
+            util = int(float(parts[2]))
+        except ValueError:
+            util = -1
+        if 0 <= used <= total:
+            gpus.append([used, total, util])
+    return gpus[:MAX_GPUS]
+
+
+async def probe_gpus(limit_s: float = 5.0) -> list[list[int]]:
+    """This machine's NVIDIA GPUs as parse_gpus gives them; [] without nvidia-smi or when it fails."""
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return []
+    try:
+        proc = await asyncio.create_subprocess_exec(exe, *GPU_QUERY, stdout=asyncio.subprocess.PIPE,
+                                                    stderr=asyncio.subprocess.DEVNULL)
+    except OSError as e:
+        log.warning("cannot run %s: %s", exe, e)
+        return []
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), limit_s)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        log.warning("nvidia-smi did not answer in %.0f s; GPU figures left out", limit_s)
+        return []
+    return parse_gpus(out.decode(errors="replace")) if proc.returncode == 0 else []
+
+
+def gpu_view(meta: dict[str, Any]) -> list[dict[str, int | None]]:
+    """A member's GPUs from its gossip metadata, in bytes, for the cluster view."""
+    out: list[dict[str, int | None]] = []
+    for g in meta.get("gpu") or []:
+        if isinstance(g, list) and len(g) == 3 and all(isinstance(x, int) for x in g):
+            out.append({"memory_used": g[0] * MIB, "memory_total": g[1] * MIB,
+                        "utilization": g[2] if g[2] >= 0 else None})
+    return out
 
 
 class ClusterStartError(Exception):
@@ -154,6 +214,17 @@ class Cluster:
             await self._join_with_retry(seeds, explicit=bool(cfg.join))
             self._check_config_matches()
         self._tasks.append(asyncio.create_task(self._refresh_loop(), name="cluster-refresh"))
+        if shutil.which("nvidia-smi"):
+            self._tasks.append(asyncio.create_task(self._gpu_loop(), name="cluster-gpus"))
+
+    async def _gpu_loop(self) -> None:
+        """GPU memory and utilization into gossip metadata, for operators and the console (every GPU_EVERY s)."""
+        while True:
+            try:
+                self.extra_meta["gpu"] = await probe_gpus()
+            except Exception:
+                log.exception("GPU probe failed")
+            await asyncio.sleep(GPU_EVERY)
 
     async def _join_with_retry(self, seeds: list[str], explicit: bool) -> None:
         """Whole-cluster restarts bring nodes up in any order: keep trying until `join_timeout`,
@@ -367,6 +438,7 @@ class Cluster:
                 "cordoned": bool(reg.get("cordoned", False)), "draining": bool(reg.get("draining", False)),
                 "labels": reg.get("labels") or {},
                 "memory": {"available": meta.get("mem_avail"), "total": meta.get("mem_total")},
+                "gpus": gpu_view(meta),
                 "meta": meta, "self": m.id == self.id}
 
     def registry_nodes(self) -> dict[str, Any]:

@@ -282,3 +282,14 @@ def test_omx_up_starts_a_cluster_and_stops_it_on_ctrl_c(tmp_path: Path) -> None:
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_gpu_figures_parse_nvidia_smi_and_skip_what_they_cannot_read() -> None:
+    from omx.node.cluster import gpu_view, parse_gpus
+
+    out = "4000, 81559, 30\n0, 40960, [N/A]\ngarbage line\n5, 4, 1\n1, 2\n"
+    assert parse_gpus(out) == [[4000, 81559, 30], [0, 40960, -1]]  # used > total and short lines skipped
+    assert gpu_view({"gpu": [[4000, 81559, 30], [0, 40960, -1], "bad", [1, 2]]}) == [
+        {"memory_used": 4000 << 20, "memory_total": 81559 << 20, "utilization": 30},
+        {"memory_used": 0, "memory_total": 40960 << 20, "utilization": None}]
+    assert gpu_view({}) == []

@@ -7,6 +7,7 @@ tests that kill nodes come last: they leave the cluster degraded on purpose.
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import time
 from collections.abc import Callable
@@ -39,10 +40,17 @@ class RecordingConsole(OmxConsole):
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory):
+    # Every node sees two GPUs: an nvidia-smi on its PATH answers the node's query the way the real one does
+    fake_bin = tmp_path_factory.mktemp("fake-bin")
+    smi = fake_bin / "nvidia-smi"
+    smi.write_text('#!/bin/sh\n'
+                   'case "$*" in *--query-gpu=memory.used,memory.total,utilization.gpu*) ;; *) exit 9;; esac\n'
+                   'printf "4000, 81559, 30\\n12000, 81559, 50\\n"\n')
+    smi.chmod(0o755)
+    env = {"OMX_SUSPICION_MULT": "4", "OMX_LOG_LEVEL": "INFO", "PATH": f"{fake_bin}:{os.environ['PATH']}"}
     for attempt in range(3):  # free ports are picked before the nodes bind them: a parallel test may take one
         try:
-            nodes = start_cluster(tmp_path_factory.mktemp("console-cluster"), 3, 1,
-                                  env={"OMX_SUSPICION_MULT": "4", "OMX_LOG_LEVEL": "INFO"})
+            nodes = start_cluster(tmp_path_factory.mktemp("console-cluster"), 3, 1, env=env)
             break
         except RuntimeError as e:
             if "in use" not in str(e) or attempt == 2:
@@ -102,6 +110,10 @@ async def test_cluster_screen_shows_every_member_and_the_leader(cluster: list[No
         leader = get(cluster[0], "/api/v1/cluster/leader")["id"]
         await until(pilot, lambda: "leader" in str(table.cells[leader][1]), 30, "the leader marked")
         assert "3/3 alive" in str(app.query_one("#banner").render())
+        # memory and GPU use: RAM from /proc/meminfo, the two GPUs (16,000 of 163,118 MiB, 40% on average)
+        await until(pilot, lambda: all("gpu 2× 16.8/171.0 GB 40%" in str(c[-1]) for c in table.cells.values()), 30,
+                    "GPU use on every row")
+        assert all(str(c[-1]).split(" GB")[0].count("/") == 1 for c in table.cells.values())
 
 
 async def test_node_actions_from_keys_palette_and_row_menu(cluster: list[NodeProc]) -> None:

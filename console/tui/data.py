@@ -24,6 +24,30 @@ def _float(v: Any) -> float | None:
         return None
 
 
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.1f}"
+
+
+def memory_text(memory: Any, gpus: Any) -> str:
+    """"used/total GB" of RAM, then "gpu used/total GB util%" summed over the node's GPUs (cluster view)."""
+    parts = []
+    if isinstance(memory, dict):
+        total, avail = _int(memory.get("total")), _int(memory.get("available"))
+        if total > 0:
+            parts.append(f"{_gb(total - avail)}/{_gb(total)} GB")
+    elif memory:
+        parts.append(str(memory))  # an older node's free-form figure
+    if isinstance(gpus, list) and gpus:
+        good = [g for g in gpus if isinstance(g, dict)]
+        used = sum(_int(g.get("memory_used")) for g in good)
+        total = sum(_int(g.get("memory_total")) for g in good)
+        utils = [u for g in good if (u := _float(g.get("utilization"))) is not None]
+        count = f"{len(good)}× " if len(good) > 1 else ""
+        util = f" {sum(utils) / len(utils):.0f}%" if utils else ""
+        parts.append(f"gpu {count}{_gb(used)}/{_gb(total)} GB{util}")
+    return " · ".join(parts)
+
+
 @dataclass(frozen=True)
 class Member:
     id: str
@@ -46,8 +70,6 @@ class Member:
     def from_json(cls, m: dict[str, Any]) -> Member:
         meta = m.get("meta") or {}
         raft = m.get("raft") or {}
-        mem = m.get("memory") or meta.get("memory") or meta.get("mem") or ""
-        gpu = m.get("gpu") or meta.get("gpu") or ""
         return cls(
             id=str(m.get("id", "?")), status=str(m.get("status", "unknown")), region=str(m.get("region") or ""),
             role=str(m.get("role") or ""), api_addr=str(m.get("api_addr") or meta.get("api") or ""),
@@ -55,7 +77,7 @@ class Member:
             raft_term=raft.get("term"), models=tuple(m.get("models") or meta.get("models") or ()),
             inflight=_int(m.get("inflight", meta.get("inflight"))), slots=_int(m.get("slots", meta.get("slots"))),
             cordoned=bool(m.get("cordoned")), draining=bool(m.get("draining")),
-            memory=" ".join(str(x) for x in (mem, gpu) if x), is_self=bool(m.get("self")))
+            memory=memory_text(m.get("memory"), m.get("gpus")), is_self=bool(m.get("self")))
 
     @property
     def sched(self) -> str:
