@@ -145,6 +145,9 @@ async def scale_model(request: web.Request) -> web.Response:
     return json_response({"model": key, "replicas": replicas, "labels": selector or {}, **res})
 
 
+TRANSFER_TRIES = 4  # × 5 s: how long the leader keeps offering leadership to a voter that is catching up
+
+
 async def transfer_leader(request: web.Request) -> web.Response:
     """Move the region's Raft leadership (before maintenance on the leader), optionally to a given node."""
     r = _router(request)
@@ -175,18 +178,19 @@ async def transfer_leader(request: web.Request) -> web.Response:
         t = Target(leader["id"], leader["api_addr"], "node", leader["id"], region, False, 0.0)
         try:
             return json_response(await r.call(t, "POST", "/api/v1/cluster/leader/transfer",
-                                              {"region": region, "to": to}, limit_s=15.0))
+                                              {"region": region, "to": to}, limit_s=TRANSFER_TRIES * 5.0 + 10.0))
         except UpstreamError as e:
             raise ApiError(e.status if e.status < 500 else 502, e.message) from None
     if c.registry is None or not c.registry.is_leader:
         raise ApiError(503, "leadership is moving already; try again")
     # pysyncobj only hands over to a voter that has caught up; a busy one may need another try
-    for _ in range(4):
+    for _ in range(TRANSFER_TRIES):
         if await c.registry.transfer_leadership(to_addr, timeout=5.0) or not c.registry.is_leader:
             break
     new = c.registry.status().get("leader")
     if c.registry.is_leader or (to_addr is not None and new != to_addr):
-        raise ApiError(503, f"the leader could not hand over to {to_addr or 'another voter'} within 20 s "
+        raise ApiError(503, f"the leader could not hand over to {to_addr or 'another voter'} within "
+                            f"{TRANSFER_TRIES * 5} s "
                             f"(no caught-up voter?); leader now {new}")
     c.events.publish("raft.leader_transfer", region=region, from_=c.id, to=new)
     return json_response({"region": region, "moved": True, "leader_raft_addr": new})
