@@ -208,8 +208,11 @@ async def version(request: web.Request) -> web.Response:
     return json_response({"version": OLLAMA_API_VERSION, "omx_version": VERSION})
 
 
-def has_model(request: web.Request, raw: str | None) -> bool:
+def has_model(request: web.Request, raw: str | None, routing: bool = False) -> bool:
+    """Whether this node's store holds the model; `routing`: a recent answer will do (see Cluster.holds)."""
     try:
+        if routing:
+            return bool(raw) and request.app[ROUTER].cluster.holds(raw or "")
         return bool(raw) and request.app[STORE].exists(raw or "")
     except (InvalidModelName, ValueError):
         return False
@@ -234,7 +237,7 @@ def route_generate(request: web.Request, req: GenerateRequest, raw: bytes | None
     if not req.prompt and not req.images and keep_alive_seconds(req.keep_alive) == 0:
         return unload_everywhere(request, "/api/generate", body, req.model or "",
                                  lambda: inference.generate(eng, req))
-    return router.stream("/api/generate", body, req.model or "", has_model(request, req.model),
+    return router.stream("/api/generate", body, req.model or "", has_model(request, req.model, routing=True),
                          lambda resume: inference.generate(eng, req, resume), _generate_text,
                          prefix=(req.system or "") + (req.prompt or "")[:512])
 
@@ -248,7 +251,7 @@ def route_chat(request: web.Request, req: ChatRequest, raw: bytes | None = None)
     if not req.messages and keep_alive_seconds(req.keep_alive) == 0:
         return unload_everywhere(request, "/api/chat", body, req.model or "", lambda: inference.chat(eng, req))
     prefix = "".join(str(m.content or "") for m in (req.messages or [])[:4])[:512]
-    return router.stream("/api/chat", body, req.model or "", has_model(request, req.model),
+    return router.stream("/api/chat", body, req.model or "", has_model(request, req.model, routing=True),
                          lambda resume: inference.chat(eng, req, resume), _chat_text, prefix=prefix)
 
 
@@ -303,7 +306,8 @@ async def api_embed(request: web.Request) -> web.Response:
     router = request.app[ROUTER]
     if router.is_routed(request):
         return json_response(await inference.embed(eng, req))
-    res = await router.forward_json(req.model or "", "/api/embed", json.loads(raw), has_model(request, req.model),
+    res = await router.forward_json(req.model or "", "/api/embed", json.loads(raw),
+                                    has_model(request, req.model, routing=True),
                                     lambda: inference.embed(eng, req))
     return json_response(res)
 
@@ -316,7 +320,8 @@ async def api_embeddings(request: web.Request) -> web.Response:
     if router.is_routed(request):
         return json_response(await inference.embeddings_legacy(eng, req))
     res = await router.forward_json(req.model or "", "/api/embeddings", json.loads(raw),
-                                    has_model(request, req.model), lambda: inference.embeddings_legacy(eng, req))
+                                    has_model(request, req.model, routing=True),
+                                    lambda: inference.embeddings_legacy(eng, req))
     return json_response(res)
 
 

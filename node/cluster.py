@@ -40,6 +40,7 @@ from omx.protocols.swim import JoinError, Member, MemberEvent, SwimConfig, SwimN
 log = logging.getLogger("omx.cluster")
 
 META_REFRESH = 1.0  # seconds between metadata refreshes (load counters, loaded models, raft role)
+HOLDS_TTL = 1.0  # seconds a "do we hold this model" answer is reused for routing
 HAVE_BUDGET = 900  # bytes of model names a node advertises in gossip (metadata is capped at 2 KB)
 
 
@@ -164,6 +165,7 @@ class Cluster:
         self.reg: dict[str, Any] = {}
         self.extra_meta: dict[str, Any] = {}  # other components' gossip fields (the scheduler's load failures)
         self._have: list[str] = []
+        self._holds: dict[str, tuple[bool, float]] = {}  # model name as asked -> (in our store, when checked)
         self._have_at = 0.0
         self.id = node_id(cfg.data_dir)
         self.key = load_cluster_key(cfg)
@@ -351,6 +353,23 @@ class Cluster:
     def store_changed(self) -> None:
         """Create/copy/delete/pull call this so peers learn within a second, not at the next rescan."""
         self._have_at = 0.0
+        self._holds.clear()
+
+    def holds(self, raw: str) -> bool:
+        """Whether our store holds the model, remembered for up to HOLDS_TTL s (cleared by store_changed).
+
+        The router asks on every request, and the store's answer costs a few directory scans (names match
+        case-insensitively). A stale answer only moves a request (a local miss fails over to a holder).
+        """
+        now = time.monotonic()
+        hit = self._holds.get(raw)
+        if hit is not None and now - hit[1] < HOLDS_TTL:
+            return hit[0]
+        if len(self._holds) > 4096:
+            self._holds.clear()
+        held = self.store.exists(raw)
+        self._holds[raw] = (held, now)
+        return held
 
     async def _refresh_loop(self) -> None:
         while True:

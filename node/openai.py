@@ -291,7 +291,8 @@ async def embeddings(request: web.Request) -> web.Response:
         return {"embeddings": vectors, "prompt_eval_count": res.get("prompt_eval_count", 0)}
 
     native = {"model": model, "input": inputs, **({"dimensions": dims} if dims else {})}
-    res = await request.app[ROUTER].forward_json(model, "/api/embed", native, has_model(request, model), local)
+    res = await request.app[ROUTER].forward_json(model, "/api/embed", native,
+                                                 has_model(request, model, routing=True), local)
     out = []
     for i, v in enumerate(res.get("embeddings") or []):
         emb: Any = base64.b64encode(struct.pack(f"<{len(v)}f", *v)).decode() if enc == "base64" else v

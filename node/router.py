@@ -389,8 +389,6 @@ class Router:
                     # raised before this target's first chunk: client errors pass through, the rest fail over
                     if e.status < 500 and e.status not in (404, 429):
                         raise
-                    if e.status == 404 and t.kind == "local":
-                        raise
                     last_err = UpstreamError(e.status, e.message, True)
                     if e.status >= 500 and e.status != 503:
                         self._fail(t, e.message)
@@ -498,9 +496,9 @@ class Router:
                 try:
                     return await local()
                 except ApiError as e:
-                    if e.status < 500 or e.status == 404:
+                    if e.status < 500 and e.status != 404:
                         raise
-                    last = UpstreamError(e.status, e.message, True)
+                    last = UpstreamError(e.status, e.message, True)  # 404: our store lost it; a holder may serve
                     continue
             try:
                 return await self.call(t, "POST", path, body)
