@@ -3,9 +3,13 @@
     <root>/manifests/<host>/<namespace>/<model>/<tag>    manifest JSON
     <root>/blobs/sha256-<hex>                           content-addressed blobs, mode 0644
     <root>/tmp/hf-<manifest digest>/                    symlink views of safetensors models (rebuildable)
+    <root>/omx-unsynced/sha256-<hex>                    journal: blobs visible before their data fsync
 
 Invariants: a blob is only ever renamed into place after its sha256 was verified, and every file appears
-atomically (temp file in the same directory, fsync, rename, fsync directory). Temp files are dot-files named
+atomically (temp file in the same directory, fsync, rename, fsync directory). The one exception to the
+order is a pulled blob, whose data fsync (seconds for a large one) runs after the rename: a durable entry in
+`<root>/omx-unsynced/` precedes the rename, and opening the store re-hashes every blob still listed there,
+so a crash never leaves a visible blob whose bytes were not verified. Temp files are dot-files named
 `.omx-tmp-<pid>-<random>`, which manifest enumeration ignores and `clean_temps` removes once their writer is
 gone. Methods are synchronous; the node calls the slow ones through `asyncio.to_thread`.
 
@@ -63,6 +67,7 @@ from omx.protocols.modelfile import format_modelfile, format_parameters
 log = logging.getLogger("omx.store")
 
 TMP_PREFIX = ".omx-tmp-"
+UNSYNCED_DIR = "omx-unsynced"  # journal of blobs made visible before their data fsync finished
 DEFAULT_TEMPLATE = "{{ .Prompt }}"  # what Ollama uses for a model without a template layer
 _CHUNK = 4 << 20
 _STALE_FOREIGN_S = 24 * 3600  # a temp of another live pid is only reclaimed after this long
@@ -75,6 +80,11 @@ _HF_AUX_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken")
 # deletes a live temp of the first.
 _ACTIVE_TEMPS: set[str] = set()
 _ACTIVE_LOCK = threading.Lock()
+
+# Blobs this process installed unsynced and has not yet synced: (store root, hex) → installs pending. Shared
+# by every Store of the process, so opening a second Store on the same root never re-hashes or clears them.
+_PENDING_SYNC: Counter[tuple[str, str]] = Counter()
+_PENDING_LOCK = threading.Condition()
 
 
 class StoreError(Exception):
@@ -251,7 +261,7 @@ class BlobWriter:
             self._closed = True
             if self._expected is not None and got != self._expected:
                 raise DigestMismatch(str(self._expected_raw), "sha256:" + got)
-            self.existed = self._store._install_blob(self._tmp, got, self._pins)
+            self.existed = self._store.install_blob(self._tmp, got, self._pins)
         finally:
             self._discard()
         self.digest = "sha256:" + got
@@ -376,6 +386,10 @@ class Store:
         self._lock = threading.RLock()
         self._pins: Counter[str] = Counter()
         self._cache: OrderedDict[str, _Parsed] = OrderedDict()
+        self.unsynced_dir = self.root / UNSYNCED_DIR
+        self._sync_queue: list[str] = []
+        self._syncer: threading.Thread | None = None
+        self.recover_unsynced()
         if clean:
             self.clean_temps()
 
@@ -424,25 +438,44 @@ class Store:
             w.commit()
             return w
 
-    def _install_blob(self, tmp: Path, hex_digest: str, pins: set[str] | None) -> bool:
-        """Rename a verified temp into place (pinning it first, atomically w.r.t. GC); True if it existed."""
+    def install_blob(self, tmp: Path, hex_digest: str, pins: set[str] | None, *, synced: bool = True) -> bool:
+        """Rename a verified temp into place (pinning it first, atomically w.r.t. GC); True if it existed.
+
+        `synced=False` is for callers that did not fsync the temp's data: waiting for a large blob's fsync
+        would be most of a fast transfer. A durable journal entry (see `recover_unsynced`) is written before
+        the rename, and the data, the directory and then the entry are synced in the background, so a crash
+        can never leave torn bytes behind a visible blob name.
+        """
         final = self.blobs_dir / f"sha256-{hex_digest}"
         with self._lock:
             if pins is not None:
-                self._pin(hex_digest, pins)
+                self.pin(hex_digest, pins)
             if final.is_file():
                 return True
-            os.replace(tmp, final)
-        _fsync_dir(self.blobs_dir)
+            if not synced:
+                self._journal_add(hex_digest)
+            try:
+                os.replace(tmp, final)
+            except BaseException:
+                if not synced:
+                    self._journal_done(hex_digest)
+                raise
+        if synced:
+            _fsync_dir(self.blobs_dir)
+        else:
+            self._sync_later(hex_digest)
         return False
 
-    def _pin(self, hex_digest: str, pins: set[str]) -> None:
+    def pin(self, hex_digest: str, pins: set[str]) -> None:
+        """Keep a blob from garbage collection until `unpin_all(pins)`: it belongs to a model being assembled
+        (pulled, created) whose manifest does not exist yet. Adding the same blob twice to one set counts once."""
         with self._lock:
             if hex_digest not in pins:
                 pins.add(hex_digest)
                 self._pins[hex_digest] += 1
 
-    def _unpin_all(self, pins: set[str]) -> None:
+    def unpin_all(self, pins: set[str]) -> None:
+        """Release every pin in `pins` (and empty it), once the manifest that needs them exists or never will."""
         with self._lock:
             for h in pins:
                 self._pins[h] -= 1
@@ -450,12 +483,120 @@ class Store:
                     del self._pins[h]
             pins.clear()
 
-    def _pin_existing(self, digest: str, pins: set[str]) -> int:
-        """Pin a blob that must already exist; returns its size."""
+    def pin_existing(self, digest: str, pins: set[str]) -> int:
+        """Pin a blob that must already exist (raises BlobNotFound), in one step so GC cannot slip between the
+        check and the pin; returns its size."""
         with self._lock:
             size = self.blob_size(digest)
-            self._pin(_hex(digest), pins)
+            self.pin(_hex(digest), pins)
             return size
+
+    # ---- blobs whose data is not yet durable -----------------------------------------------------------
+    def _journal_entry(self, hex_digest: str) -> Path:
+        return self.unsynced_dir / f"sha256-{hex_digest}"
+
+    def _journal_add(self, hex_digest: str) -> None:
+        """Durably record that this blob may become visible before its data is on disk (before the rename)."""
+        with _PENDING_LOCK:
+            _PENDING_SYNC[(str(self.root), hex_digest)] += 1
+        self.unsynced_dir.mkdir(exist_ok=True)
+        fd = os.open(self._journal_entry(hex_digest), os.O_WRONLY | os.O_CREAT, 0o644)
+        os.close(fd)
+        _fsync_dir(self.unsynced_dir)  # an empty file: the directory entry is the record
+
+    def _sync_later(self, hex_digest: str) -> None:
+        with _PENDING_LOCK:
+            self._sync_queue.append(hex_digest)
+            if self._syncer is None:
+                # not a daemon: a normal interpreter exit waits for the pending syncs instead of leaving the
+                # next start a re-hash; the thread ends when the queue is empty
+                self._syncer = threading.Thread(target=self._sync_loop, name="omx-blob-sync")
+                self._syncer.start()
+
+    def _sync_loop(self) -> None:
+        while True:
+            with _PENDING_LOCK:
+                if not self._sync_queue:
+                    self._syncer = None
+                    _PENDING_LOCK.notify_all()
+                    return
+                hex_digest = self._sync_queue.pop(0)
+            self._sync_blob(hex_digest)
+
+    def _sync_blob(self, hex_digest: str) -> None:
+        """fsync a blob installed unsynced, then its directory, then drop its journal entry. A failed fsync
+        means the bytes on disk are unknown, so the blob is removed (a later pull fetches it again)."""
+        path = self.blobs_dir / f"sha256-{hex_digest}"
+        try:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            _fsync_dir(self.blobs_dir)
+        except FileNotFoundError:
+            pass  # deleted meanwhile: nothing left to protect
+        except OSError as e:
+            log.error("cannot sync blob sha256:%s (%s); removing it", hex_digest, e)
+            with contextlib.suppress(OSError):
+                path.unlink()
+        self._journal_done(hex_digest)
+
+    def _journal_done(self, hex_digest: str) -> None:
+        key = (str(self.root), hex_digest)
+        with _PENDING_LOCK:
+            _PENDING_SYNC[key] -= 1
+            if _PENDING_SYNC[key] <= 0:  # the last install of this blob is synced: its entry can go
+                del _PENDING_SYNC[key]
+                with contextlib.suppress(FileNotFoundError):
+                    self._journal_entry(hex_digest).unlink()  # no fsync: a stale entry only costs a re-hash
+            _PENDING_LOCK.notify_all()
+
+    def wait_synced(self, timeout: float | None = None) -> bool:
+        """Wait until every blob this process installed unsynced into this store is durable; False on timeout."""
+        root = str(self.root)
+        with _PENDING_LOCK:
+            return _PENDING_LOCK.wait_for(lambda: not any(r == root for r, _ in _PENDING_SYNC), timeout)
+
+    def recover_unsynced(self) -> list[str]:
+        """After a crash, re-hash every blob still in the journal: keep (and sync) those that match their
+        name, delete those that do not. Runs when the store opens, before it serves anything; entries that
+        a live Store of this process is still syncing are left alone. Returns the removed digests."""
+        removed: list[str] = []
+        try:
+            with os.scandir(self.unsynced_dir) as it:
+                names = sorted(e.name for e in it)
+        except FileNotFoundError:
+            return removed
+        for name in names:
+            m = re.fullmatch(r"sha256-([0-9a-f]{64})", name)
+            entry = self.unsynced_dir / name
+            if m is None:
+                with contextlib.suppress(FileNotFoundError):
+                    entry.unlink()
+                continue
+            hexd = m.group(1)
+            with _PENDING_LOCK:
+                if (str(self.root), hexd) in _PENDING_SYNC:
+                    continue
+            path = self.blobs_dir / name
+            try:
+                with open(path, "rb") as f:
+                    got = hashlib.file_digest(f, "sha256").hexdigest()
+                    ok = got == hexd
+                    if ok:
+                        os.fsync(f.fileno())
+            except FileNotFoundError:
+                ok = True  # never renamed into place, or deleted: nothing visible to check
+            if not ok:
+                log.warning("blob sha256:%s was not fully on disk after a crash; removing it", hexd)
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                removed.append("sha256:" + hexd)
+            _fsync_dir(self.blobs_dir)
+            with contextlib.suppress(FileNotFoundError):
+                entry.unlink()
+        return removed
 
     # ---- names -----------------------------------------------------------------------------------------
     @staticmethod
@@ -1021,7 +1162,7 @@ class Store:
                     else:
                         assert model_file_digest is not None
                         digest = "sha256:" + _hex(model_file_digest)
-                        size = self._pin_existing(digest, pins)
+                        size = self.pin_existing(digest, pins)
                         seen[_hex(digest)] = False
                     yield {"status": "parsing GGUF"}
                     layers, config = self._gguf_layers(digest, size)
@@ -1035,7 +1176,7 @@ class Store:
                         seen[_hex(w.digest)] = not w.existed
                     config = self._hf_config(layers)
                 elif files is not None:
-                    sizes = {rel: self._pin_existing(d, pins) for rel, d in files.items()}
+                    sizes = {rel: self.pin_existing(d, pins) for rel, d in files.items()}
                     seen.update(dict.fromkeys((_hex(d) for d in files.values()), False))
                     ggufs = [rel for rel, d in files.items() if is_gguf(self.blob_path(d))]
                     if len(files) == 1 and ggufs:
@@ -1052,7 +1193,7 @@ class Store:
                         raise InvalidModelInput("unsupported model files: expected one GGUF file or "
                                                 "a safetensors directory (config.json and *.safetensors)")
             for d in adapters.values():
-                size = self._pin_existing(d, pins)
+                size = self.pin_existing(d, pins)
                 layers.append(Layer(media_type=MEDIA_TYPE_ADAPTER, digest="sha256:" + _hex(d), size=size))
                 seen.setdefault(_hex(d), False)
 
@@ -1094,11 +1235,11 @@ class Store:
             self.write_manifest(target, Manifest(config=config_layer, layers=layers))
             yield {"status": "success"}
         except BaseException:  # failed or abandoned (GeneratorExit): drop the blobs this call added
-            self._unpin_all(pins)
+            self.unpin_all(pins)
             self._drop_unreferenced([h for h, new in seen.items() if new])
             raise
         finally:
-            self._unpin_all(pins)
+            self.unpin_all(pins)
 
     def _drop_unreferenced(self, hexes: Iterable[str]) -> None:
         hexes = list(hexes)
@@ -1126,7 +1267,7 @@ class Store:
             for h in m.digests():
                 if not self.has_blob("sha256:" + h):
                     raise BlobNotFound("sha256:" + h)
-                self._pin(h, pins)
+                self.pin(h, pins)
         try:
             config = ConfigV2.from_bytes(self.blob_path(m.config.digest).read_bytes())
         except FileNotFoundError:

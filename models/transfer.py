@@ -1,15 +1,16 @@
 """Blob transfer between stores: ranged chunks from several sources at once, verified as they arrive.
 
 A blob is fetched in fixed-size chunks over HTTP Range requests, spread over every usable source (omx peers
-or an OCI registry). Chunks may arrive out of order; each is written at its offset into a hidden partial
-file and kept in memory until the contiguous prefix reaches it, then fed to one running sha256. That is the
-only pass over the data: when the last chunk is hashed the digest is known, and a matching blob is fsynced
-and renamed into place. Memory is bounded by letting workers run at most `window` chunks ahead of the hash.
+or an OCI registry). Chunks may arrive out of order; each is received straight into its place in a hidden,
+memory-mapped partial file, and fed to one running sha256 once the contiguous prefix reaches it. That is the
+only pass over the data: when the last chunk is hashed the digest is known, and a matching blob is renamed
+into place at once; the store journals it and fsyncs it in the background (see `Store.install_blob`), so no
+unverified byte is ever visible, even after a crash. Workers run at most `window` chunks ahead of the hash.
 
 The bytes never pass through the event loop: plain-HTTP sources are read in threads on blocking keep-alive
-sockets (recv_into the chunk buffer, pwrite, start the disk writeback), and the hash runs in a thread too,
-so receiving, writing and hashing overlap on different cores (all three release the GIL). The loop only
-hands out chunk numbers. TLS or redirecting sources go through aiohttp.
+sockets (recv_into the mapped page cache: the only copy), and the hash runs in a thread too, so receiving
+and hashing overlap on different cores (both release the GIL). The loop only hands out chunk numbers. TLS
+or redirecting sources go through aiohttp.
 
 The whole-blob sha256 is the only ground truth (a source's own claims prove nothing), so a mismatch is
 localized by refetching one contributing source's chunks from the others: if that fixes the digest, the
@@ -23,16 +24,17 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
-import ctypes
-import ctypes.util
+import errno
 import functools
 import hashlib
 import http.client
 import json
 import logging
+import mmap
 import os
 import shutil
 import socket
+import sys
 import threading
 import time
 import urllib.parse
@@ -52,13 +54,15 @@ from omx.models.store import BlobNotFound, ModelNotFound, Store, _atomic_write, 
 log = logging.getLogger("omx.transfer")
 
 PARTIAL_PREFIX = ".omx-partial-"
-CHUNK = 8 << 20  # big enough that per-request overhead vanishes, small enough to spread over seeders
+CHUNK = 16 << 20  # a request costs a seeder ~2 ms of CPU: 8 MiB chunks spent 0.2 CPU-s more per GiB
 STREAMS_PER_SOURCE = 2  # two requests in flight per source keep a connection busy while one finishes
 MAX_STREAMS = 8
 BAD_FOR_S = 600.0  # how long a source that served bad bytes is left out
 _RECORD_EVERY_S = 1.0
-_READ_PIECE = 1 << 20  # received, then written, per blocking read: big enough for few syscalls, cache-warm
-_WRITEBACK_SPAN = 64 << 20  # hashed bytes handed to the disk at a time
+_READ_PIECE = 1 << 20  # received per blocking read: progress and cancellation are checked between pieces
+_RCVBUF = 4 << 20  # the usual net.core.rmem_max; the kernel doubles it
+# Linux ≥ 5.14 (the mmap module names it only from Python 3.13)
+_MADV_POPULATE_WRITE: int | None = getattr(mmap, "MADV_POPULATE_WRITE", 23) if sys.platform == "linux" else None
 _CONNECT_TIMEOUT = 10.0
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _T = TypeVar("_T")
@@ -201,41 +205,7 @@ def partial_bytes(store: Store) -> int:
 
 
 # --------------------------------------------------------------------------------------------------------
-# Blocking I/O, run in the fetcher's threads (recv, pwrite and sha256 all release the GIL)
-
-
-def _pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
-    """pwrite that finishes short writes; any failure is a _DiskError (ours, not the source's)."""
-    view = memoryview(data)
-    try:
-        while view:
-            k = os.pwrite(fd, view, offset)
-            view, offset = view[k:], offset + k
-    except OSError as e:
-        raise _DiskError(e.strerror or str(e)) from None
-
-
-def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
-    """libc's sync_file_range (Linux), which the os module lacks; None elsewhere."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-        fn = libc.sync_file_range
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_sync_file_range = _load_sync_file_range()
-_SYNC_FILE_RANGE_WRITE = 2
-
-
-def _start_writeback(fd: int, offset: int, n: int) -> None:
-    """Start writing these pages to disk now, without waiting: the fsync before the blob becomes visible then
-    finds little left to do, instead of the whole blob (for 1 GiB, seconds after the last byte arrived)."""
-    if _sync_file_range is not None:
-        _sync_file_range(fd, offset, n, _SYNC_FILE_RANGE_WRITE)  # advisory: errors surface at fsync
+# Blocking I/O, run in the fetcher's threads (recv and sha256 release the GIL)
 
 
 class _Conn:
@@ -254,6 +224,10 @@ class _Conn:
             c = http.client.HTTPConnection(host, port, timeout=_CONNECT_TIMEOUT)
             c.connect()
             assert c.sock is not None
+            # a fixed large buffer: with the autotuned one (128 KiB to start) each recv returns a sliver, and
+            # the extra wakeups and syscalls on both ends cost more CPU than the copy itself
+            with contextlib.suppress(OSError):
+                c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _RCVBUF)
             c.sock.settimeout(self.timeout)
             c.timeout = self.timeout
             self.http, self.used = c, False
@@ -294,9 +268,8 @@ class BlobTransfer:
         self._n = max(1, -(-size // self._chunk))
         self._cond = asyncio.Condition()
         self._todo: list[int] = []
-        self._mem: dict[int, bytearray] = {}
-        self._free: list[bytearray] = []  # hashed chunk buffers, reused: no 8 MiB allocation and page faults each
-        self._on_disk: set[int] = set()  # written but no longer (or never) in memory
+        self._mem: dict[int, memoryview] = {}  # received, not yet hashed: chunk → its bytes in the mapping
+        self._on_disk: set[int] = set()  # written by an earlier attempt or process, or already hashed
         self._by: dict[int, str] = {}  # chunk → source id that served it ("disk": an earlier process)
         self._written = 0
         self._hashed = 0
@@ -304,9 +277,11 @@ class BlobTransfer:
         self._live = 0
         self._error: str | None = None
         self._fd = -1
+        self._map: mmap.mmap | None = None
+        self._allocated = False  # the partial file's blocks are allocated (posix_fallocate)
+        self._view = memoryview(b"")  # the partial file, mapped: chunks are received straight into it
         self._last_record = 0.0
-        self._writeback: asyncio.Task[None] | None = None
-        self._flushed = 0  # bytes of the hashed prefix whose writeback has started
+        self._recorder: asyncio.Task[None] | None = None
 
     @property
     def completed(self) -> int:
@@ -380,14 +355,13 @@ class BlobTransfer:
         else:
             self._hasher, self._hashed = hashlib.sha256(), 0
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        self._writeback, self._flushed = None, 0
         try:
-            if os.fstat(self._fd).st_size != self.size:
-                os.ftruncate(self._fd, self.size)
-            await asyncio.to_thread(self._write_record)
+            await asyncio.to_thread(self._map_partial)
+            await asyncio.to_thread(self._write_record, self._record_data())
             streams = max(1, min(MAX_STREAMS, self.fetcher.streams * len(sources)))
             per = max(1, streams // len(sources))
-            workers = [asyncio.create_task(self._worker(s)) for s in sources for _ in range(per)]
+            # round-robin: the first chunks (all of a small blob's) go to different sources
+            workers = [asyncio.create_task(self._worker(s)) for _ in range(per) for s in sources]
             self._live = len(workers)
             hasher = asyncio.create_task(self._hash_loop())
             try:
@@ -399,17 +373,19 @@ class BlobTransfer:
             if self._error is not None:
                 if self._hashed > 0:  # keep the running hash: an in-process retry resumes without re-reading
                     self.fetcher._hash_state[self.hex] = (self._hasher.copy(), self._hashed)
-                await asyncio.to_thread(self._write_record)
+                await self._record_done()
+                await asyncio.to_thread(self._write_record, self._record_data())
                 raise TransferError(self._error)
             got = self._hasher.hexdigest()
             if got != self.hex:
                 self._got = got
                 return False
+            await self._record_done()  # before _install removes the record
             await asyncio.to_thread(self._install)
             return True
         finally:
-            if self._writeback is not None:
-                await asyncio.wait([self._writeback])
+            await self._record_done()
+            self._unmap()
             os.close(self._fd)
             self._fd = -1
 
@@ -418,27 +394,102 @@ class BlobTransfer:
     def _len(self, i: int) -> int:
         return min(self.size, (i + 1) * self._chunk) - i * self._chunk
 
+    def _map_partial(self) -> None:
+        """(thread) Size the partial file, allocate its blocks, and map it.
+
+        Receiving into the mapping skips the copy from a buffer into the page cache (pwrite), which into a
+        sparse file cost more CPU than the receive itself; the hash then reads the page cache, which is what
+        reaches the disk. Allocating the blocks up front is what makes that safe: a write fault on a full
+        disk would be a SIGBUS (or an EFAULT from recv), not an error. Where allocation is not supported,
+        `_populate` turns a full disk into an OSError per chunk.
+        """
+        if os.fstat(self._fd).st_size != self.size:
+            os.ftruncate(self._fd, self.size)
+        if self.size == 0:
+            return  # nothing to map (mmap refuses empty files)
+        try:
+            os.posix_fallocate(self._fd, 0, self.size)
+            self._allocated = True
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):  # not supported by this filesystem
+                raise
+            self._allocated = False
+        self._map = mmap.mmap(self._fd, self.size)
+        self._view = memoryview(self._map)
+
+    def _unmap(self) -> None:
+        for v in self._mem.values():
+            v.release()
+        self._mem = {}
+        self._view.release()
+        self._view = memoryview(b"")
+        m, self._map = self._map, None
+        if m is not None:
+            with contextlib.suppress(BufferError):  # a view still referenced (a traceback): unmapped when freed
+                m.close()
+
+    def _slice(self, i: int) -> memoryview:
+        """Chunk `i` of the mapped partial file."""
+        return self._view[i * self._chunk:i * self._chunk + self._len(i)]
+
+    def _populate(self, i: int, user_writes: bool = False) -> None:
+        """(thread) Fault chunk `i`'s pages in for writing in one call, so that a full disk (or any I/O
+        error) is an OSError here rather than a SIGBUS or an EFAULT from recv later. Skipped for receives
+        into allocated blocks: letting recv fault each page in just before it fills it cost half the CPU
+        (the zeroed page is still in cache)."""
+        if self._map is None or _MADV_POPULATE_WRITE is None or (self._allocated and not user_writes):
+            return
+        try:
+            self._map.madvise(_MADV_POPULATE_WRITE, i * self._chunk, self._len(i))
+        except OSError as e:
+            if e.errno not in (errno.EINVAL, errno.ENOSYS):  # an older kernel: allocation was still done
+                raise _DiskError(e.strerror or str(e)) from None
+
     def _install(self) -> None:
-        os.fsync(self._fd)
         os.fchmod(self._fd, 0o644)
         store = self.fetcher.store
         path = partial_path(store, self.hex)
-        # verified above; every waiter's pin set holds it, so GC leaves it alone until their manifests exist
+        # verified above; every waiter's pin set holds it, so GC leaves it alone until their manifests exist.
+        # Not fsynced first: the store journals it and syncs it in the background (seconds for a big blob).
         sets = self.pin_sets or [set()]
-        existed = store._install_blob(path, self.hex, sets[0])
+        existed = store.install_blob(path, self.hex, sets[0], synced=False)
         for pins in sets[1:]:
-            store._pin(self.hex, pins)
+            store.pin(self.hex, pins)
         if existed:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
         with contextlib.suppress(FileNotFoundError):
             _record_path(store, self.hex).unlink()
 
-    def _write_record(self) -> None:
+    def _record_data(self) -> bytes:
+        """(loop) The partial file's record: the chunks written so far."""
         self._last_record = time.monotonic()
         done = sorted(self._on_disk | set(self._mem))
-        data = json.dumps({"size": self.size, "chunk": self._chunk, "done": done}).encode()
-        _atomic_write(_record_path(self.fetcher.store, self.hex), data)
+        return json.dumps({"size": self.size, "chunk": self._chunk, "done": done}).encode()
+
+    def _write_record(self, data: bytes) -> None:
+        """(thread) Replace the record atomically but without fsync: under a busy writeback one fsync took a
+        third of a second, stalling the hash. A record that is lost, or ahead of the data after a crash, only
+        costs bytes: a resumed chunk that is not on disk fails the digest and is fetched again ("disk" is then
+        the suspect source)."""
+        path = _record_path(self.fetcher.store, self.hex)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+
+    def _record_later(self) -> None:
+        """(loop) Refresh the record in the background, one write at a time, never holding up the hash."""
+        if self._recorder is None or self._recorder.done():
+            self._recorder = asyncio.create_task(asyncio.to_thread(self._write_record, self._record_data()))
+
+    async def _record_done(self) -> None:
+        """Wait for a background record write; a failed one is only logged (the record is an optimization)."""
+        task, self._recorder = self._recorder, None
+        if task is not None:
+            try:
+                await asyncio.shield(task)
+            except OSError as e:
+                log.info("cannot record the progress of sha256:%s: %s", self.hex[:12], e)
 
     # ---- workers -----------------------------------------------------------------------------------
     async def _worker(self, src: Source) -> None:
@@ -456,7 +507,7 @@ class BlobTransfer:
                             break
                         await self._cond.wait()
                 prog = self._progress[i] = [0]
-                buf = self._buffer(i)
+                buf = self._slice(i)
                 try:
                     await self._fetch(src, i, conn, prog, buf)
                 except _DiskError as e:  # our disk, not the source: no point trying elsewhere
@@ -474,7 +525,6 @@ class BlobTransfer:
                              e or type(e).__name__, "" if failures < 3 and not permanent else "; dropping source")
                     if permanent or failures >= 3:
                         return
-                    self._free.append(buf)
                     await asyncio.sleep(0.2 * failures)
                     continue
                 finally:
@@ -494,10 +544,6 @@ class BlobTransfer:
                     self._error = f"no source could serve sha256:{self.hex} (tried {self._source_list()})"
                 self._cond.notify_all()
 
-    def _buffer(self, i: int) -> bytearray:
-        n = self._len(i)
-        return self._free.pop() if n == self._chunk and self._free else bytearray(n)
-
     def _source_list(self) -> str:
         return ", ".join(s.id for s in self.sources)
 
@@ -513,13 +559,13 @@ class BlobTransfer:
             await asyncio.wait([fut])
             raise
 
-    async def _fetch(self, src: Source, i: int, conn: _Conn, prog: list[int], buf: bytearray) -> None:
-        """Chunk `i` from `src` into `buf`, and written at its offset in the partial file (not yet verified).
+    async def _fetch(self, src: Source, i: int, conn: _Conn, prog: list[int], buf: memoryview) -> None:
+        """Chunk `i` from `src` into `buf`, its place in the mapped partial file (not yet verified).
 
-        Plain-HTTP sources are read on a blocking socket in a thread: recv_into straight into the chunk buffer,
-        then pwrite, with the GIL released throughout. aiohttp's streaming body would copy every byte three
-        more times (parser, StreamReader join, into the buffer) on the event loop, which is what kept the
-        transfer at a third of a plain socket copy. Others (TLS, redirecting registries) go through aiohttp.
+        Plain-HTTP sources are read on a blocking socket in a thread: recv_into straight into the page cache,
+        with the GIL released. aiohttp's streaming body would copy every byte three more times (parser,
+        StreamReader join, into the file) on the event loop, which is what kept the transfer at a third of a
+        plain socket copy. Others (TLS, redirecting registries) go through aiohttp.
         """
         if src.blob_prefix.startswith("http://") and src.id not in self.fetcher._indirect:
             try:
@@ -528,8 +574,8 @@ class BlobTransfer:
                 log.info("source %s redirects; fetching through aiohttp", src.id)
                 self.fetcher._indirect.add(src.id)
                 prog[0] = 0
+        await self._blocking(None, self._populate, i, True)
         await self._fetch_chunk(src, i, prog, buf)
-        await self._blocking(None, _pwrite_all, self._fd, buf, i * self._chunk)
 
     def _range_headers(self, src: Source, i: int) -> dict[str, str]:
         start, n = i * self._chunk, self._len(i)
@@ -547,9 +593,10 @@ class BlobTransfer:
         if status not in (200, 206):
             raise SourceError(f"HTTP {status}")
 
-    def _get_blocking(self, conn: _Conn, src: Source, i: int, prog: list[int], buf: bytearray) -> None:
-        """(thread) One ranged GET on the worker's keep-alive connection, received and written piece by piece."""
-        start, n = i * self._chunk, self._len(i)
+    def _get_blocking(self, conn: _Conn, src: Source, i: int, prog: list[int], buf: memoryview) -> None:
+        """(thread) One ranged GET on the worker's keep-alive connection, received into `buf` piece by piece."""
+        n = self._len(i)
+        self._populate(i)
         u = urllib.parse.urlsplit(src.url(self.hex))
         headers = self._range_headers(src, i)
         target = u.path + (f"?{u.query}" if u.query else "")
@@ -572,15 +619,14 @@ class BlobTransfer:
             if r.length is not None and r.length != n:
                 raise SourceError(f"{r.length} bytes for a {n}-byte range")
             limiter = self.fetcher.limiter
-            view = memoryview(buf)
             got = 0
             while got < n:
                 if conn.cancelled.is_set():
                     raise SourceError("cancelled")
-                k = r.readinto(view[got:got + _READ_PIECE])
+                with buf[got:got + _READ_PIECE] as piece:
+                    k = r.readinto(piece)
                 if not k:
                     raise SourceError(f"short read ({got} of {n} bytes)")
-                _pwrite_all(self._fd, view[got:got + k], start + got)
                 got += k
                 prog[0] = got
                 if limiter is not None:
@@ -592,7 +638,7 @@ class BlobTransfer:
             if not ok:
                 conn.close()  # a response left half read makes the connection useless
 
-    async def _fetch_chunk(self, src: Source, i: int, prog: list[int], buf: bytearray) -> None:
+    async def _fetch_chunk(self, src: Source, i: int, prog: list[int], buf: memoryview) -> None:
         """One ranged GET through aiohttp (TLS, redirects) into `buf`."""
         n = self._len(i)
         headers = self._range_headers(src, i)
@@ -600,7 +646,6 @@ class BlobTransfer:
         got = 0
         async with self.fetcher.session().get(src.url(self.hex), headers=headers) as r:
             self._check_status(r.status, "Range" in headers)
-            view = memoryview(buf)
             while True:
                 piece = await r.content.readany()
                 if not piece:
@@ -608,7 +653,7 @@ class BlobTransfer:
                 k = len(piece)
                 if got + k > n:
                     raise SourceError("more bytes than asked for")
-                view[got:got + k] = piece
+                buf[got:got + k] = piece
                 got += k
                 prog[0] = got
                 if limiter is not None:
@@ -617,21 +662,11 @@ class BlobTransfer:
                 raise SourceError(f"short read ({got} of {n} bytes)")
 
     # ---- the single hashing pass -------------------------------------------------------------------
-    def _hash(self, buf: bytes | bytearray) -> None:
+    def _hash(self, buf: bytes | memoryview) -> None:
         """(thread) In order, while later chunks are still arriving: hashlib releases the GIL on big updates."""
         t0 = time.thread_time()
         self._hasher.update(buf)
         self.fetcher._count_hash(time.thread_time() - t0, len(buf))
-
-    def _kick_writeback(self) -> None:
-        """Start disk writeback of the hashed prefix in big spans, off the receiving and hashing threads (it can
-        block on a busy disk), and at most one at a time: the fsync at the end then has little left."""
-        upto = min(self.size, self._hashed * self._chunk)
-        if self._writeback is not None and not self._writeback.done():
-            return
-        if upto - self._flushed >= _WRITEBACK_SPAN or (upto == self.size and upto > self._flushed):
-            start, self._flushed = self._flushed, upto
-            self._writeback = asyncio.create_task(self._blocking(None, _start_writeback, self._fd, start, upto - start))
 
     async def _hash_loop(self) -> None:
         while self._hashed < self._n:
@@ -645,17 +680,17 @@ class BlobTransfer:
                         break
                     await self._cond.wait()
             if buf is None:  # resumed from an earlier process (or kept across an attempt): read it once
+                # (pread, not the mapping: a read error there would be a SIGBUS, not an OSError)
                 buf = await self._blocking(None, os.pread, self._fd, self._len(i), i * self._chunk)
             await self._blocking(None, self._hash, buf)
-            if len(buf) == self._chunk and isinstance(buf, bytearray):
-                self._free.append(buf)
+            if isinstance(buf, memoryview):
+                buf.release()
             async with self._cond:
                 self._hashed += 1
-                self._kick_writeback()
                 self._on_disk.add(i)
                 self._cond.notify_all()
             if time.monotonic() - self._last_record > _RECORD_EVERY_S:
-                await asyncio.to_thread(self._write_record)
+                self._record_later()
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -679,7 +714,7 @@ class Fetcher:
         self.store = store
         self.chunk_size = chunk_size
         self.streams = streams
-        self.window = window or MAX_STREAMS + 4  # chunks held in memory ahead of the hash, at most
+        self.window = window or MAX_STREAMS + 4  # chunks received ahead of the hash, at most
         self.limiter = RateLimiter(rate_limit) if rate_limit > 0 else None
         self.health = health or SourceHealth()
         self.timeout = timeout
@@ -746,11 +781,11 @@ class Fetcher:
         """Fetch one blob unless the store has it, sharing a transfer already running; raises TransferError.
 
         The blob is added to `pins` (see Store pins) so garbage collection spares it until the caller's
-        manifest refers to it; release with `store._unpin_all(pins)`.
+        manifest refers to it; release with `store.unpin_all(pins)`.
         """
         hexd = _hex(digest)
         with contextlib.suppress(BlobNotFound):
-            self.store._pin_existing(hexd, pins)
+            self.store.pin_existing(hexd, pins)
             return
         t = self.start(hexd, size, sources)
         t.pin_sets.append(pins)
@@ -973,4 +1008,4 @@ async def pull_model(
         for t in tasks.values():
             t.cancel()  # our wait only: a shared transfer runs on for its other waiters
         await asyncio.gather(*tasks.values(), return_exceptions=True)
-        store._unpin_all(pins)
+        store.unpin_all(pins)

@@ -14,6 +14,7 @@ import hashlib
 import logging
 import os
 import select
+import socket
 import threading
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -117,6 +118,7 @@ async def peer_blob(request: web.Request) -> web.StreamResponse:
 
 
 _SEND_PIECE = 1 << 20
+_SNDBUF = 4 << 20  # the usual net.core.wmem_max; the kernel doubles it
 _SEND_STALL_S = 60.0  # a receiver that takes nothing for this long is gone
 
 
@@ -155,6 +157,9 @@ async def send_file(request: web.Request, f: BinaryIO) -> web.StreamResponse:
             await resp.write(await asyncio.to_thread(os.pread, f.fileno(), min(_SEND_PIECE, end - off), off))
     else:
         out = os.dup(sock.fileno())  # ours: the transport may close its fd while the thread still sends
+        with contextlib.suppress(OSError):
+            # the autotuned buffer starts at 16 KiB: sendfile then wakes for every sliver the receiver takes
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SNDBUF)
         stop = threading.Event()
         try:
             await asyncio.to_thread(_sendfile, out, f.fileno(), start, end - start, stop)

@@ -22,7 +22,7 @@ from omx.node.launch import NodeProc, free_ports, start_cluster, wait_until
 pytestmark = pytest.mark.timeout(300)
 
 MB = 1_000_000
-BIG = 30 * MB  # four 8 MiB chunks: enough to kill a seeder halfway through
+BIG = 30 * MB  # two 16 MiB chunks, one from each seeder: enough to kill a seeder halfway through
 ENV = {
     "OMX_LOG_LEVEL": "INFO",
     "OMX_BANDWIDTH_LIMIT": "15MB",  # a 30 MB pull takes ~2 s: time to kill a seeder midway

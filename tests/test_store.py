@@ -186,6 +186,95 @@ def test_stale_temps_removed_on_open_but_live_ones_kept(tmp_path: Path) -> None:
     assert live.commit() == "sha256:" + sha(b"in flight")
 
 
+# ---- blobs made visible before their data fsync -----------------------------------------------------------
+
+
+def journal(s: Store) -> list[str]:
+    return sorted(os.listdir(s.unsynced_dir)) if s.unsynced_dir.exists() else []
+
+
+def test_crash_recovery_rehashes_journaled_blobs(tmp_path: Path) -> None:
+    """What a crash can leave: blobs renamed into place whose data never reached the disk. Opening the store
+    keeps the ones that still hash to their name and deletes the rest, before anything can read them."""
+    s = Store(tmp_path / "st")
+    good, torn = b"all bytes made it", b"half of these bytes made it"
+    s.blob_path(sha(good)).write_bytes(good)
+    s.blob_path(sha(torn)).write_bytes(torn[:10] + bytes(len(torn) - 10))  # zeros where data was lost
+    never_renamed = "ab" * 32
+    s.unsynced_dir.mkdir()
+    for h in (sha(good), sha(torn), never_renamed):
+        (s.unsynced_dir / f"sha256-{h}").touch()
+    (s.unsynced_dir / "stray").touch()
+    reopened = Store(tmp_path / "st")
+    assert reopened.has_blob(sha(good)) and reopened.blob_path(sha(good)).read_bytes() == good
+    assert not reopened.has_blob(sha(torn))
+    assert journal(reopened) == []
+
+
+def test_unsynced_install_journals_before_the_rename(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    s = Store(tmp_path / "st")
+    data = os.urandom(1 << 20)
+    tmp = s.blobs_dir / f"{TMP_PREFIX}{os.getpid()}-test"
+    tmp.write_bytes(data)
+    seen_at_rename: list[list[str]] = []
+    real_replace = os.replace
+
+    def replace(src: object, dst: object) -> None:
+        seen_at_rename.append(journal(s))
+        real_replace(src, dst)  # type: ignore[arg-type]
+
+    monkeypatch.setattr("omx.models.store.os.replace", replace)
+    pins: set[str] = set()
+    assert s.install_blob(tmp, sha(data), pins, synced=False) is False
+    assert seen_at_rename == [[f"sha256-{sha(data)}"]]
+    assert pins == {sha(data)} and s.blob_path(sha(data)).read_bytes() == data
+    assert s.wait_synced(timeout=30)
+    assert journal(s) == []
+    s.unpin_all(pins)
+
+
+def test_second_open_leaves_a_pending_sync_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another Store on the same root (same process) must neither re-hash nor clear a sync in flight."""
+    s = Store(tmp_path / "st")
+    release = threading.Event()
+    real_sync = Store._sync_blob
+
+    def held_sync(self: Store, hex_digest: str) -> None:
+        release.wait(30)
+        real_sync(self, hex_digest)
+
+    monkeypatch.setattr(Store, "_sync_blob", held_sync)
+    data = b"still syncing"
+    tmp = s.blobs_dir / f"{TMP_PREFIX}{os.getpid()}-test"
+    tmp.write_bytes(data)
+    s.install_blob(tmp, sha(data), None, synced=False)
+    assert not s.wait_synced(timeout=0.05)
+    Store(tmp_path / "st")
+    assert journal(s) == [f"sha256-{sha(data)}"] and s.has_blob(sha(data))
+    release.set()
+    assert s.wait_synced(timeout=30)
+    assert journal(s) == []
+
+
+def test_failed_background_fsync_removes_the_blob(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a failed fsync the bytes on disk are unknown: the blob goes (and the journal entry with it)."""
+    s = Store(tmp_path / "st")
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if stat.S_ISREG(os.fstat(fd).st_mode):  # the blob; directories still sync
+            raise OSError(5, "Input/output error")
+        real_fsync(fd)
+
+    monkeypatch.setattr("omx.models.store.os.fsync", fsync)
+    data = b"lost to a disk error"
+    tmp = s.blobs_dir / f"{TMP_PREFIX}{os.getpid()}-test"
+    tmp.write_bytes(data)
+    s.install_blob(tmp, sha(data), None, synced=False)
+    assert s.wait_synced(timeout=30)
+    assert not s.has_blob(sha(data)) and journal(s) == []
+
+
 # ---- manifests --------------------------------------------------------------------------------------------
 
 
