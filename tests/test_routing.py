@@ -117,6 +117,24 @@ def test_unknown_model_is_ollamas_404_from_any_node(cluster: list[NodeProc]) -> 
     assert bad.status_code == 400 and "error" in bad.json()  # the serving node's client error passes through
 
 
+def test_model_gone_from_this_nodes_store_is_served_by_a_holder(cluster: list[NodeProc]) -> None:
+    """The store loses a model behind the node's back (disk budget eviction, an operator's rm) while a peer
+    still holds it: requests keep succeeding, also in the second the node still believes it has it."""
+    n1, n2, _, _ = cluster
+    for n in (n1, n2):
+        create_from_demo(n, "trio", "Two of me, then one.")
+    wait_until(lambda: advertised(cluster, n1, "trio:latest") and advertised(cluster, n2, "trio:latest"), 30,
+               what="trio on two nodes")
+    body = {"model": "trio", "prompt": "hello world", "stream": False,
+            "options": {"temperature": 0, "num_predict": 3}}
+    first = httpx.post(n1.url + "/api/generate", json=body, timeout=120)
+    assert first.status_code == 200, first.text
+    (n1.data_dir / "manifests" / "registry.ollama.ai" / "library" / "trio" / "latest").unlink()
+    again = httpx.post(n1.url + "/api/generate", json=body, timeout=120)
+    assert again.status_code == 200, again.text
+    assert again.json()["response"] == first.json()["response"]  # the same weights, greedy: the same text
+
+
 def test_routed_header_needs_cluster_credentials(cluster: list[NodeProc]) -> None:
     r = httpx.post(cluster[0].url + "/api/generate", json={"model": "solo", "prompt": "x"},
                    headers={"X-Omx-Routed": "me"}, timeout=30)
