@@ -385,12 +385,18 @@ class Cluster:
             except Exception:
                 log.exception("cluster refresh failed")
 
-    def _refresh(self) -> None:
-        assert self.swim is not None
+    def publish_meta(self) -> None:
+        """Gossip our metadata now if it changed (components call this after changing extra_meta)."""
+        if self.swim is None:
+            return
         meta = self._meta()
         me = self.swim.get(self.id)
         if me is None or dict(me.meta or {}) != meta:
             self.swim.set_meta(meta)
+
+    def _refresh(self) -> None:
+        assert self.swim is not None
+        self.publish_meta()
         if self.registry is not None:
             leader = self.registry.status().get("leader")
             if leader != self._last_leader:

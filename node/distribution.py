@@ -16,8 +16,9 @@ import os
 import select
 import socket
 import threading
+import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any, BinaryIO
 
 import aiohttp
@@ -42,29 +43,67 @@ from omx.node.app import CONFIG, RUNNERS, STORE, json_response, respond_progress
 from omx.node.cluster import Cluster
 from omx.node.cluster_routes import CLUSTER
 from omx.node.config import NodeConfig
+from omx.node.router import model_key
 from omx.protocols.api import ApiError, ModelRef
 
 log = logging.getLogger("omx.distribution")
 
+ADVERTISE_EVERY = 0.5  # seconds between updates of the gossip `fetching` figures
+MAX_ADVERTISED = 4  # models whose progress gossip carries (metadata is small)
+MAX_NAME = 64
 PEER_TIMEOUT = 5.0  # seconds for a peer to answer a manifest request
 MIN_SEEDERS = 3  # fewer advertised holders than this: ask every alive member (up to MAX_ASKED)
 MAX_ASKED = 32
 
 
 class Distribution:
-    """The node's fetcher (shared transfers, bandwidth limit, bad-source memory) and LRU use record."""
+    """The node's fetcher (shared transfers, bandwidth limit, bad-source memory), LRU use record, and the
+    models it is fetching now with their progress (advertised in gossip as `fetching`, for operators)."""
 
     def __init__(self, cfg: NodeConfig, store: Store) -> None:
         self.cfg = cfg
         self.store = store
         self.fetcher = Fetcher(store, rate_limit=cfg.bandwidth_limit)
         self.uses = UseRecord(store)
+        self.fetching: dict[str, list[int]] = {}  # model key -> [bytes completed, bytes total]
+        self._advertised_at = 0.0
+
+    def advertise(self, cluster: Cluster | None, now: float, force: bool = False) -> None:
+        """Put the fetching figures into this node's gossip metadata, at most every ADVERTISE_EVERY s."""
+        if cluster is None or (not force and now - self._advertised_at < ADVERTISE_EVERY):
+            return
+        self._advertised_at = now
+        items = sorted(self.fetching.items())[:MAX_ADVERTISED]
+        cluster.extra_meta["fetching"] = {k[:MAX_NAME]: list(v) for k, v in items}
+        cluster.publish_meta()
 
     async def close(self) -> None:
         await self.fetcher.close()
 
 
 DIST = web.AppKey("distribution", Distribution)
+
+
+async def _tracked(app: web.Application, name: ModelName, plan: PullPlan,
+                   lines: AsyncGenerator[dict[str, Any], None]) -> AsyncIterator[dict[str, Any]]:
+    """Pass a pull's progress lines through, keeping the node's `fetching` figure for the model current."""
+    dist, cluster = app[DIST], app.get(CLUSTER)
+    key = model_key(name.display_shortest())
+    done: dict[str, int] = {}
+    total = sum(plan.sizes().values())
+    dist.fetching[key] = [0, total]
+    dist.advertise(cluster, time.monotonic(), force=True)
+    try:
+        async with contextlib.aclosing(lines):
+            async for line in lines:
+                if "digest" in line and "total" in line:
+                    done[str(line["digest"])] = int(line.get("completed") or 0)
+                    dist.fetching[key] = [min(total, sum(done.values())), total]
+                    dist.advertise(cluster, time.monotonic())
+                yield line
+    finally:
+        dist.fetching.pop(key, None)
+        dist.advertise(cluster, time.monotonic(), force=True)
 
 
 # ---- peer routes -----------------------------------------------------------------------------------
@@ -336,7 +375,7 @@ async def pull(app: web.Application, name: ModelName, insecure: bool = False) ->
     await reserve_space(app, plan)
     yield {"status": "pulling manifest"}
     try:
-        async for line in pull_model(app[STORE], app[DIST].fetcher, plan, app[DIST].uses):
+        async for line in _tracked(app, name, plan, pull_model(app[STORE], app[DIST].fetcher, plan, app[DIST].uses)):
             if line.get("status") == "success":
                 _store_changed(app)
             yield line
@@ -352,7 +391,7 @@ async def replicate(app: web.Application, name: ModelName | str) -> None:
         raise ApiError(404, f"no peer holds model '{n.display_shortest()}'")
     await reserve_space(app, plan)
     try:
-        async for _ in pull_model(app[STORE], app[DIST].fetcher, plan, app[DIST].uses):
+        async for _ in _tracked(app, n, plan, pull_model(app[STORE], app[DIST].fetcher, plan, app[DIST].uses)):
             pass
     except TransferError as e:
         raise ApiError(502, str(e)) from None

@@ -99,10 +99,16 @@ async def list_models(request: web.Request) -> web.Response:
     catalog = r.cluster.reg.get("models", {})
     placements = r.cluster.reg.get("placements", {})
     loaded_on: dict[str, list[str]] = {}
+    fetching: dict[str, list[dict[str, Any]]] = {}
     for m in r.cluster.swim.members() if r.cluster.swim else []:
         if m.state == "alive":
-            for name in (m.meta or {}).get("models") or []:
+            meta = m.meta or {}
+            for name in meta.get("models") or []:
                 loaded_on.setdefault(model_key(name), []).append(m.id)
+            f = meta.get("fetching")
+            for key, fig in (f.items() if isinstance(f, dict) else ()):
+                if isinstance(fig, list) and len(fig) == 2 and all(isinstance(x, int) for x in fig):
+                    fetching.setdefault(key, []).append({"node": m.id, "completed": fig[0], "total": fig[1]})
     out = []
     for tag in await cluster_tags(request):
         key = model_key(tag["name"])
@@ -110,7 +116,12 @@ async def list_models(request: web.Request) -> web.Response:
         out.append({"name": tag["name"], "digest": tag.get("digest"), "size": tag.get("size"),
                     "replicas": int(rec.get("desired_replicas", 0)), "actual": len(loaded_on.get(key, [])),
                     "nodes": sorted(loaded_on.get(key, [])), "placed": placements.get(key, []),
-                    "labels": r.cluster.reg.get("settings", {}).get(SELECTOR_PREFIX + key) or {}})
+                    "labels": r.cluster.reg.get("settings", {}).get(SELECTOR_PREFIX + key) or {},
+                    "transfers": sorted(fetching.pop(key, []), key=lambda t: t["node"])})
+    for key, transfers in sorted(fetching.items()):  # being pulled from a registry: in no store yet
+        out.append({"name": key, "digest": None, "size": transfers[0]["total"], "replicas": 0, "actual": 0,
+                    "nodes": [], "placed": placements.get(key, []), "labels": {},
+                    "transfers": sorted(transfers, key=lambda t: t["node"])})
     return json_response({"models": out})
 
 

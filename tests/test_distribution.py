@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from conftest import cluster_view
 
 from omx.models.names import ModelName
 from omx.node.launch import NodeProc, free_ports, start_cluster, wait_until
@@ -37,16 +38,12 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[NodeProc]
     nodes = start_cluster(tmp_path_factory.mktemp("dist"), 3, 1, env=ENV)
     try:
         ids = {n.id for n in nodes}
-        wait_until(lambda: all({m["id"] for m in view(n)["members"] if m["status"] == "alive"} == ids
+        wait_until(lambda: all({m["id"] for m in cluster_view(n)["members"] if m["status"] == "alive"} == ids
                                for n in nodes), 60, what="3 alive members everywhere")
         yield nodes
     finally:
         for n in nodes:
             n.stop(signal.SIGKILL)
-
-
-def view(node: NodeProc) -> dict:
-    return httpx.get(node.url + "/api/v1/cluster", timeout=5).json()
 
 
 def digest(node: NodeProc, name: str) -> str | None:
@@ -197,8 +194,8 @@ def test_two_seeders_and_one_killed_midway(cluster: list[NodeProc]) -> None:
     create(a, "twin:latest", license="t" * BIG)
     assert pull(b, "twin")[0] == 200
     wait_until(lambda: all("twin:latest" in (m.get("meta", {}).get("have") or ["twin:latest"])
-                           for m in view(c)["members"] if m["id"] != c.id), 20, what="both seeders advertised")
-    killed = False
+                           for m in cluster_view(c)["members"] if m["id"] != c.id), 20, what="both seeders advertised")
+    killed = seen_fetching = False
     lines: list[dict] = []
     with httpx.stream("POST", c.url + "/api/pull", json={"model": "twin"}, timeout=120) as r:
         assert r.status_code == 200
@@ -207,15 +204,23 @@ def test_two_seeders_and_one_killed_midway(cluster: list[NodeProc]) -> None:
                 continue
             x = json.loads(raw)
             lines.append(x)
+            if not seen_fetching and x.get("completed"):  # operators see the transfer: node and progress
+                models = httpx.get(c.url + "/api/v1/models", timeout=10).json()["models"]
+                twin = next((m for m in models if m["name"] == "twin:latest"), {})
+                seen_fetching = any(t["node"] == c.id and 0 <= t["completed"] <= t["total"] and t["total"] >= BIG
+                                    for t in twin.get("transfers", []))
             if not killed and x.get("total") == BIG and x.get("completed", 0) > 4 * MB:
                 b.stop(signal.SIGKILL)  # a seeder dies mid-transfer
                 killed = True
     assert killed, lines
     check_stream(lines)
+    assert seen_fetching, "the pull never showed in GET /api/v1/models"
     good = blob_of(c, "twin:latest", BIG)
     assert hashlib.sha256(good.read_bytes()).hexdigest() == good.name.removeprefix("sha256-")
     assert digest(c, "twin") == digest(a, "twin") is not None
     assert not [p for p in blobs_dir(c).iterdir() if p.name.startswith(".omx-partial-")]
+    wait_until(lambda: not any(m.get("transfers") for m in httpx.get(c.url + "/api/v1/models", timeout=10).json()
+                               ["models"]), 20, what="finished transfers to leave the models view")
 
 
 # ---- a real OCI registry on loopback --------------------------------------------------------------

@@ -130,13 +130,22 @@ class ModelInfo:
     replicas: int | None = None  # desired; None when the registry does not track it (no scheduler API)
     actual: int = 0
     nodes: tuple[str, ...] = ()
+    transfers: tuple[tuple[str, int, int], ...] = ()  # (node, bytes completed, bytes total) fetching it now
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> ModelInfo:
         rep = d.get("replicas")
+        transfers = tuple((str(t.get("node") or "?"), _int(t.get("completed")), _int(t.get("total")))
+                          for t in d.get("transfers") or () if isinstance(t, dict))
         return cls(name=str(d.get("name") or d.get("model") or "?"), digest=str(d.get("digest") or ""),
                    size=_int(d.get("size")), replicas=None if rep is None else _int(rep),
-                   actual=_int(d.get("actual"), len(d.get("nodes") or ())), nodes=tuple(d.get("nodes") or ()))
+                   actual=_int(d.get("actual"), len(d.get("nodes") or ())), nodes=tuple(d.get("nodes") or ()),
+                   transfers=transfers)
+
+    @property
+    def transfer_text(self) -> str:
+        """The cluster's fetches of this model, e.g. "node-2 42%, node-3 7%"."""
+        return ", ".join(f"{node} {done * 100 // total if total else 0}%" for node, done, total in self.transfers)
 
 
 @dataclass(frozen=True)

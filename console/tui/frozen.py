@@ -42,7 +42,8 @@ def sample_snapshot(nodes: int = 5, instances: int | None = None, regions: int =
             inflight=j % 4, slots=4, queue=j % 3, latency_ms=40.0 + j % 50, tokens_per_s=20.0 + j % 30))
     models = (
         ModelInfo("omx-tiny:latest", "sha256:" + "ab" * 32, 1_234_567, 2, 2, ("node-0001", "node-0003")),
-        ModelInfo("llama3:8b", "sha256:" + "cd" * 32, 4_661_224_676, 3, 1, ("node-0002",)),
+        ModelInfo("llama3:8b", "sha256:" + "cd" * 32, 4_661_224_676, 3, 1, ("node-0002",),
+                  (("node-0003", 1_864_489_870, 4_661_224_676),)),
         ModelInfo("qwen2:0.5b", "sha256:" + "ef" * 32, 352_000_000, None, 0, ()),
     )
     per = {m.id: MetricPoint(1.5 + k, 42.0 + k, 180.0 + k, 12.0, 48.0, 30.0 + k)

@@ -139,7 +139,9 @@ def model_cells(item: tuple[ModelInfo, str]) -> tuple[str | Text, ...]:
 
 
 def model_items(snap: Snapshot, transfers: dict[str, str]) -> list[tuple[str, tuple[ModelInfo, str]]]:
-    items = [(m.name, (m, transfers.get(m.name, ""))) for m in snap.models]
+    """Rows with their transfer column: this console's own pull first, then the cluster's fetches."""
+    items = [(m.name, (m, ", ".join(t for t in (transfers.get(m.name, ""), m.transfer_text) if t)))
+             for m in snap.models]
     known = {m.name for m in snap.models}
     items += [(n, (ModelInfo(n), t)) for n, t in transfers.items() if n not in known]  # a pull not yet listed
     return items
@@ -152,12 +154,13 @@ class ModelsPane(Vertical):
 
     def show(self, snap: Snapshot, transfers: dict[str, str]) -> None:
         under = sum(1 for m in snap.models if m.replicas is not None and m.actual < m.replicas)
+        moving = len(transfers) + sum(len(m.transfers) for m in snap.models)
         note = "  (no scheduler API on this node: desired replicas unknown)" if "/api/v1/models" in snap.missing \
             else ""
         self.query_one("#models-summary", Static).update(Text.assemble(
             Text(f" {len(snap.models)} models ", style="bold"),
             Text(f" under-replicated {under} ", style="yellow" if under else ""),
-            f" transfers {len(transfers)}", Text(note, style="dim")))
+            f" transfers {moving}", Text(note, style="dim")))
         self.query_one(ModelsTable).sync(model_items(snap, transfers), model_cells)
 
 
