@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -96,12 +97,14 @@ def spawn_node(
     gossip_port: int = 0,
     raft_port: int = 0,
     profile: str = "local",
+    wrap: Sequence[str] = (),
 ) -> NodeProc:
-    """Run `python -m omx.node start` without waiting (port 0 picks a free port)."""
+    """Run `python -m omx.node start` without waiting (port 0 picks a free port); `wrap` prefixes the command
+    (`ip netns exec NS` runs the node in a network namespace)."""
     data_dir.mkdir(parents=True, exist_ok=True)
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     full_env.pop("OMX_HOST", None)
-    argv = [sys.executable, "-m", "omx.node", "start", "--host", host, "--port", str(port),
+    argv = [*wrap, sys.executable, "-m", "omx.node", "start", "--host", host, "--port", str(port),
             "--data-dir", str(data_dir), "--gossip-port", str(gossip_port), "--raft-port", str(raft_port),
             "--gossip-profile", profile, *args]
     return _spawn(argv, data_dir, full_env)

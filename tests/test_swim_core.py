@@ -116,6 +116,38 @@ def test_partition_heals_via_push_pull():
     assert net.converged(), "partition did not heal"
 
 
+def test_partition_longer_than_the_reap_time_still_heals():
+    """Both sides reap the other (their members are gone from the table, not just dead): the failed
+    members' addresses are still retried, so the halves find each other once the network is back."""
+    cfg = SwimConfig(push_pull_interval=10.0, dead_reap_after=20.0)
+    net, ids = _cluster(12, seed=6, config=cfg)
+    net.run_until(5)
+    a, b = ids[:6], ids[6:]
+    net.partition([a, b])
+    net.run_until(net.now + 120)
+    assert net.states_of(b[0], observers=a) == {"unknown": 6}  # reaped
+    assert all(net.core(i).num_members == 6 for i in ids)
+    net.heal()
+    t = net.now
+    while not net.converged() and net.now < t + 120:
+        net.run_until(net.now + 1)
+    assert net.converged(), "partition did not heal"
+    assert all(net.core(i).num_members == 12 for i in ids)
+
+
+def test_a_member_that_left_is_not_reconnected():
+    cfg = SwimConfig(push_pull_interval=5.0, dead_reap_after=10.0)
+    net, ids = _cluster(6, seed=9, config=cfg)
+    net.run_until(3)
+    net.core(ids[1]).leave(net.now)
+    net.run_until(net.now + 1.0)
+    net.kill(ids[1])
+    before = sum(net.core(i).stats["reconnects"] for i in ids if i != ids[1])
+    net.run_until(net.now + 60)
+    assert net.states_of(ids[1]) == {"unknown": 5}
+    assert sum(net.core(i).stats["reconnects"] for i in ids if i != ids[1]) == before
+
+
 def test_graceful_leave_is_left_never_dead():
     net, ids = _cluster(15, seed=7)
     net.run_until(5)

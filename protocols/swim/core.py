@@ -70,6 +70,7 @@ class SwimConfig:
     packet_budget: int = 1400  # UDP payload bytes we aim to stay under
     meta_max_bytes: int = 2048
     tombstones: int = 1024  # reaped ids remembered, so stale gossip cannot resurrect them
+    reconnect_for: float = 24 * 3600.0  # how long a failed member's address is retried after it is reaped
     join_timeout: float = 3.0
     stream_timeout: float = 5.0
 
@@ -405,6 +406,8 @@ class SwimCore:
         self._susp: dict[str, _Suspicion] = {}
         self._reap_at: dict[str, float] = {}
         self._tombs: dict[str, tuple[int, float]] = {}
+        # failed (not left) members reaped from the table: address and until when reconnects are tried
+        self._lost: dict[str, tuple[tuple[str, int], float]] = {}
         self._bq = BroadcastQueue()
         self._gossip_at: float | None = None
         self.stats: dict[str, int] = dict.fromkeys(
@@ -726,14 +729,17 @@ class SwimCore:
         if peers:
             self.stats["push_pull"] += 1
             self.io.stream(peers[0].addr, self.make_push_pull())
-        # Also try one member we think is dead (not left), as Serf's reconnect does: after a long
-        # partition both sides hold the other as dead and would otherwise never talk again.
-        dead = [mid for mid in self._reap_at if (r := self.table.get(mid)) is not None and r.state == DEAD]
+        # Also try one member we think failed (dead, or dead and already reaped; never one that left), as
+        # Serf's reconnect does: after a partition both sides hold the other as failed and would otherwise
+        # never talk again. The push-pull brings the other side's state, and ours to it, in one exchange.
+        for mid in [mid for mid, (_, until) in self._lost.items() if until <= self.now]:
+            del self._lost[mid]
+        dead = [(mid, r.addr) for mid in self._reap_at if (r := self.table.get(mid)) is not None and r.state == DEAD]
+        dead += [(mid, addr) for mid, (addr, _) in self._lost.items() if self.table.get(mid) is None]
         if dead:
-            r = self.table.get(self.rng.choice(dead))
-            if r is not None:
-                self.stats["reconnects"] += 1
-                self.io.stream(r.addr, self.make_push_pull())
+            _, addr = self.rng.choice(dead)
+            self.stats["reconnects"] += 1
+            self.io.stream(addr, self.make_push_pull())
 
     # ------------------------------------------------------------------ state transitions
 
@@ -782,6 +788,7 @@ class SwimCore:
                 return
             rec = r if r.meta is not None else r._replace(meta={})
             self.table.put(rec)
+            self._lost.pop(r.id, None)
             self._emit(JOINED, rec)
             # An alive update is vouched for by the member itself (its incarnation), never by the relay:
             # so every relay sends the same bytes, which receivers' codecs then decode only once.
@@ -892,6 +899,10 @@ class SwimCore:
         self._tombs[mid] = (cur.incarnation, self.now + self.cfg.dead_reap_after)
         if len(self._tombs) > self.cfg.tombstones:
             del self._tombs[next(iter(self._tombs))]
+        if cur.state == DEAD and self.cfg.reconnect_for > 0:
+            self._lost[mid] = (cur.addr, self.now + self.cfg.reconnect_for)
+            if len(self._lost) > self.cfg.tombstones:
+                del self._lost[next(iter(self._lost))]
         self._emit(REAPED, cur)
 
     def _check_meta(self, meta: Mapping[str, Any]) -> None:
