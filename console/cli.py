@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import urlencode
 
 import httpx
 import typer
@@ -1033,10 +1034,15 @@ for _action, _help in (("cordon", "Stop placing work on a node."), ("uncordon", 
 
 @node_app.command("remove")
 def node_remove(node_id: Annotated[str, typer.Argument(help="Node id.")], host: HostOpt = None,
-                force: Annotated[bool, typer.Option("--force", help="Remove even if still alive.")] = False) -> None:
-    """Remove a node from the region's registry."""
-    _client(host).json("DELETE", f"/api/v1/nodes/{node_id}" + ("?force=true" if force else ""))
-    print(f"removed {node_id}")
+                force: Annotated[bool, typer.Option("--force", help="Remove even if still alive.")] = False,
+                raft_addr: Annotated[str | None, typer.Option(
+                    "--raft-addr", help="A control node's Raft HOST:PORT, when the cluster no longer knows it.")]
+                = None) -> None:
+    """Remove a node from the region's registry (a control node also loses its Raft vote)."""
+    query = {k: v for k, v in (("force", "true" if force else None), ("raft_addr", raft_addr)) if v}
+    res = _client(host).json("DELETE", f"/api/v1/nodes/{node_id}" + ("?" + urlencode(query) if query else ""))
+    voters = res.get("voters") if isinstance(res, dict) else None
+    print(f"removed {node_id}" + (f" and its Raft vote; voters now {', '.join(voters)}" if voters else ""))
 
 
 @app.command()

@@ -4,6 +4,12 @@ Membership is eventually consistent and says who is alive; the registry is stron
 holds what operators decided (cordon, drain, removal) and what the leader concluded from
 membership (a node SWIM declared dead is marked dead). Only the region's Raft leader writes
 membership conclusions, so two nodes never race to record the same fact.
+
+Voters change at runtime: a fresh control node joins gossip first, advertises its Raft address as
+"joining", and opens its registry only once the region's leader has added it (with the full voter set
+the leader advertises as its partners; pysyncobj voters refuse Raft connections from outside their
+set). The leader adds one such node at a time, and only while the voters that are up can commit the
+change without it. `omx node remove` of a control node drops its address from the voters.
 """
 
 from __future__ import annotations
@@ -33,6 +39,8 @@ from omx.protocols.registry import (
     Registry,
     RegistryConfig,
     RegistryError,
+    RegistryMembershipError,
+    RegistryNotLeader,
     RegistryUnavailable,
 )
 from omx.protocols.swim import JoinError, Member, MemberEvent, SwimConfig, SwimNode
@@ -42,6 +50,9 @@ log = logging.getLogger("omx.cluster")
 META_REFRESH = 1.0  # seconds between metadata refreshes (load counters, loaded models, raft role)
 HOLDS_TTL = 1.0  # seconds a "do we hold this model" answer is reused for routing
 HAVE_BUDGET = 900  # bytes of model names a node advertises in gossip (metadata is capped at 2 KB)
+MAX_VOTERS = 5  # Raft voters per region (3 or 5 is the usual choice; each one more slows every write)
+VOTER_SEAT_TIMEOUT = 60.0  # seconds a fresh control node waits for the region's leader to add it
+BOOTSTRAP_SETTLE = 2.0  # seconds of gossip without any running voter before a fresh node forms the group
 
 
 def _remembered_port(path: Path, host: str) -> int:
@@ -176,6 +187,11 @@ class Cluster:
         self.raft_addr: str | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._last_leader: str | None = None
+        self._last_voters: set[str] | None = None
+        self._add_refused: set[str] = set()  # raft addresses already reported as "can't add now"
+        # Node id -> Raft address of our region's control nodes as gossip showed them: outlives SWIM reaping a
+        # dead member (60 s on a LAN), so `omx node remove` can still drop the vote of a node gone long ago.
+        self._raft_addrs: dict[str, str] = {}
         self._left = False
 
     # ---- lifetime -----------------------------------------------------------------------------
@@ -183,6 +199,8 @@ class Cluster:
         cfg = self.cfg
         self.api_url = api_url
         host = cfg.advertise_host
+        seeds = list(dict.fromkeys([*cfg.join, *self._remembered_peers()]))
+        joining = False
         if cfg.role == "control":
             raft_port = cfg.raft_port
             if raft_port == 0:
@@ -190,15 +208,10 @@ class Cluster:
                     raise ClusterStartError("--raft-port 0 only works for a single voter: its peers need to know it")
                 raft_port = _remembered_port(cfg.data_dir / "raft_port", cfg.host)
             self.raft_addr = f"{host}:{raft_port}"
-            try:
-                self.registry = await Registry.open(
-                    RegistryConfig(self_addr=self.raft_addr, partners=tuple(cfg.raft_peers),
-                                   data_dir=cfg.data_dir / "raft", password=derive(self.key, "raft").hex(),
-                                   bind_addr=f"{cfg.host}:{raft_port}"),
-                    on_change=self._on_registry_change_threadsafe(asyncio.get_running_loop()),
-                )
-            except RegistryError as e:
-                raise ClusterStartError(f"cannot start the registry on {self.raft_addr}: {e}") from None
+            # A fresh voter with somewhere to join learns the region's voter set (and its seat) from gossip first.
+            joining = bool(seeds) and not (cfg.data_dir / "raft" / "raft.journal").exists()
+            if not joining:
+                await self._open_registry(list(cfg.raft_peers))
         await asyncio.to_thread(self._scan_store)
         await self._read_registry()
         profile = SwimConfig.local() if cfg.gossip_profile == "local" else SwimConfig.lan()
@@ -211,13 +224,77 @@ class Cluster:
         except OSError as e:
             raise ClusterStartError(f"cannot listen for gossip on {cfg.host}:{cfg.gossip_port}: "
                                     f"{e.strerror or e}") from None
-        seeds = list(dict.fromkeys([*cfg.join, *self._remembered_peers()]))
         if seeds:
             await self._join_with_retry(seeds, explicit=bool(cfg.join))
             self._check_config_matches()
+        if joining:
+            await self._open_registry(await self._await_voter_seat())
+            await self._read_registry()
+            self.publish_meta()
         self._tasks.append(asyncio.create_task(self._refresh_loop(), name="cluster-refresh"))
         if shutil.which("nvidia-smi"):
             self._tasks.append(asyncio.create_task(self._gpu_loop(), name="cluster-gpus"))
+
+    async def _open_registry(self, partners: list[str]) -> None:
+        assert self.raft_addr is not None
+        cfg = self.cfg
+        port = self.raft_addr.rpartition(":")[2]
+        try:
+            self.registry = await Registry.open(
+                RegistryConfig(self_addr=self.raft_addr, partners=tuple(partners), data_dir=cfg.data_dir / "raft",
+                               password=derive(self.key, "raft").hex(), bind_addr=f"{cfg.host}:{port}"),
+                on_change=self._on_registry_change_threadsafe(asyncio.get_running_loop()),
+            )
+        except RegistryError as e:
+            raise ClusterStartError(f"cannot start the registry on {self.raft_addr}: {e}") from None
+
+    def _advertised_voters(self) -> list[tuple[bool, int, list[str]]]:
+        """(is leader, term, voter set) as each running voter of our region advertises it in gossip."""
+        assert self.swim is not None
+        out: list[tuple[bool, int, list[str]]] = []
+        for m in self.swim.members():
+            meta = m.meta or {}
+            raft = meta.get("raft") or {}
+            voters = raft.get("voters")
+            if m.id == self.id or m.state != "alive" or meta.get("region") != self.cfg.region \
+                    or meta.get("role") != "control" or not isinstance(voters, list):
+                continue
+            out.append((raft.get("state") == "leader", int(raft.get("term") or 0), [v for v in voters
+                                                                                   if isinstance(v, str)]))
+        return sorted(out, key=lambda t: (t[0], t[1]), reverse=True)
+
+    async def _await_voter_seat(self) -> list[str]:
+        """Partners for a fresh voter: the region's voter set once it holds us (the leader adds us).
+
+        With no running voter in sight, the region is being formed: use --raft-peers as configured.
+        """
+        assert self.raft_addr is not None
+        start = time.monotonic()
+        while True:
+            sets = self._advertised_voters()
+            leader_sets = [v for is_leader, _, v in sets if is_leader]
+            # The leader's set is authoritative; without a leader (the group is forming) any voter's will do.
+            for voters in leader_sets[:1] or [v for _, _, v in sets]:
+                if self.raft_addr in voters:
+                    self.events.publish("raft.voter_seat", region=self.cfg.region, raft_addr=self.raft_addr,
+                                        voters=voters)
+                    return [v for v in voters if v != self.raft_addr]
+            waited = time.monotonic() - start
+            if leader_sets and len(leader_sets[0]) >= MAX_VOTERS:
+                raise ClusterStartError(
+                    f"region {self.cfg.region!r} has {len(leader_sets[0])} Raft voters already, the most it takes; "
+                    "start this node as --role worker (or remove a voter first: omx node remove ID)")
+            if not sets and waited > BOOTSTRAP_SETTLE:
+                log.info("no voter of region %s runs yet; forming its Raft group from --raft-peers", self.cfg.region)
+                return list(self.cfg.raft_peers)
+            if waited > VOTER_SEAT_TIMEOUT:
+                current = ", ".join(leader_sets[0] if leader_sets else sorted({a for _, _, v in sets for a in v}))
+                raise ClusterStartError(
+                    f"the Raft leader of region {self.cfg.region!r} did not add this node ({self.raft_addr}) as a "
+                    f"voter within {VOTER_SEAT_TIMEOUT:.0f}s (voters: {current or 'unknown'}). The leader adds a "
+                    "control node only while enough current voters are up to commit the change without it: remove "
+                    "dead voters first (omx node remove ID)")
+            await asyncio.sleep(0.2)
 
     async def _gpu_loop(self) -> None:
         """GPU memory and utilization into gossip metadata, for operators and the console (every GPU_EVERY s)."""
@@ -260,16 +337,31 @@ class Cluster:
                                         f"(was {self.cfg.data_dir} copied from another node?)")
         if self.cfg.role != "control":
             return
-        voters = {((m.meta or {}).get("raft") or {}).get("addr") for m in self.swim.members()
-                  if m.id != self.id and m.state == "alive" and (m.meta or {}).get("region") == self.cfg.region
-                  and (m.meta or {}).get("role") == "control"}
-        voters.discard(None)
-        unknown = sorted(v for v in voters if v not in self.cfg.raft_peers)
-        if unknown:
+        # --raft-peers only has to reach the region's group (the leader adds us); it must not name another
+        # region's voters, and must name at least one of ours, or this node would start a second group.
+        peers = set(self.cfg.raft_peers)
+        region_voters: set[str] = set()
+        for m in self.swim.members():
+            meta = m.meta or {}
+            raft = meta.get("raft") or {}
+            if m.id == self.id or m.state != "alive" or meta.get("role") != "control" or not raft.get("addr"):
+                continue
+            advertised = {raft["addr"], *(raft.get("voters") or [])} if raft.get("state") != "joining" else set()
+            if meta.get("region") != self.cfg.region:
+                clash = sorted(peers & (advertised | {raft["addr"]}))
+                if clash:
+                    raise ClusterStartError(
+                        f"config mismatch: --raft-peers lists {', '.join(clash)}, a Raft voter of region "
+                        f"{meta.get('region')!r}, but this node is in region {self.cfg.region!r}")
+                continue
+            region_voters |= advertised
+        if region_voters and not region_voters & (peers | {self.raft_addr}):
             raise ClusterStartError(
-                f"config mismatch: region {self.cfg.region!r} already has Raft voters {', '.join(unknown)} that "
-                f"--raft-peers ({', '.join(self.cfg.raft_peers) or 'none'}) does not list; start this node with the "
-                "region's full voter list, or as --role worker")
+                f"config mismatch: region {self.cfg.region!r} already has Raft voters "
+                f"{', '.join(sorted(region_voters))} and --raft-peers ({', '.join(self.cfg.raft_peers) or 'none'}) "
+                "lists none of them, so this node "
+                "would start a second Raft group; list at least one current voter (the region's leader then adds "
+                "this node as a voter), or start it as --role worker")
 
     def _peers_file(self) -> Path:
         return self.cfg.data_dir / "peers.json"
@@ -326,7 +418,9 @@ class Cluster:
         if self.registry is not None:
             st = self.registry.status()
             raft = {"addr": self.raft_addr, "state": st.get("raft_state"), "leader": st.get("leader"),
-                    "term": st.get("term")}
+                    "term": st.get("term"), "voters": st.get("voters")}
+        elif self.raft_addr is not None:  # a fresh control node waiting for the leader to add it
+            raft = {"addr": self.raft_addr, "state": "joining", "leader": None, "term": None}
         loaded = sorted(r.spec.name for r in self.runners.live())[:16]
         mine = self.reg.get("nodes", {}).get(self.id, {})
         return {"region": cfg.region, "role": cfg.role, "api": self.api_url, "raft": raft, "models": loaded,
@@ -382,6 +476,7 @@ class Cluster:
                 self._remember_peers()
                 if self.registry is not None and self.registry.is_leader:
                     await self._reconcile_membership()
+                    await self._reconcile_voters()
             except Exception:
                 log.exception("cluster refresh failed")
 
@@ -397,11 +492,33 @@ class Cluster:
     def _refresh(self) -> None:
         assert self.swim is not None
         self.publish_meta()
+        for m in self.swim.members():
+            meta = m.meta or {}
+            addr = (meta.get("raft") or {}).get("addr")
+            if isinstance(addr, str) and meta.get("region") == self.cfg.region and meta.get("role") == "control":
+                self._raft_addrs[m.id] = addr
         if self.registry is not None:
             leader = self.registry.status().get("leader")
             if leader != self._last_leader:
                 self._last_leader = leader
                 self.events.publish("raft.leader", region=self.cfg.region, leader=leader, by=self.id)
+            voters = set(self.registry.voters())
+            if self._last_voters is not None:
+                for addr in sorted(voters - self._last_voters):
+                    self.events.publish("raft.voter_added", region=self.cfg.region, raft_addr=addr,
+                                        id=self._id_of_raft(addr), by=self.id)
+                for addr in sorted(self._last_voters - voters):
+                    self.events.publish("raft.voter_removed", region=self.cfg.region, raft_addr=addr,
+                                        id=self._id_of_raft(addr), by=self.id)
+            self._last_voters = voters
+
+    def _id_of_raft(self, addr: str) -> str | None:
+        """The node id that advertises Raft address `addr` in gossip (None if no member does)."""
+        assert self.swim is not None
+        for m in self.swim.members():
+            if ((m.meta or {}).get("raft") or {}).get("addr") == addr:
+                return m.id
+        return None
 
     async def _read_registry(self) -> None:
         if self.registry is not None:
@@ -420,10 +537,11 @@ class Cluster:
         self.events.publish(f"member.{ev.kind}", id=m.id, address=f"{m.host}:{m.port}",
                             region=meta.get("region"), incarnation=m.incarnation)
         if ev.kind == "dead" and meta.get("role") == "control":
-            # Voters are fixed at start (no automatic replacement yet): report the lost voter loudly instead.
+            # Never removed automatically (a partition looks the same): the operator decides, with `omx node remove`.
             raft = meta.get("raft") or {}
             log.warning("Raft voter %s (%s) of region %s is dead; the region keeps quorum only while a majority "
-                        "of its voters lives", m.id, raft.get("addr"), meta.get("region"))
+                        "of its voters lives. If it is gone for good: omx node remove %s", m.id, raft.get("addr"),
+                        meta.get("region"), m.id)
             self.events.publish("raft.voter_down", id=m.id, region=meta.get("region"), raft_addr=raft.get("addr"))
 
     def _on_registry_change_threadsafe(self, loop: asyncio.AbstractEventLoop) -> Any:
@@ -452,6 +570,90 @@ class Cluster:
                 await self.registry.write("set_node_fields", m.id, {"state": state})
             elif state == "alive" and rec.get("state") in ("dead", "left"):
                 await self.registry.write("set_node_fields", m.id, {"state": "alive"})
+
+    async def _reconcile_voters(self) -> None:
+        """Leader duty: make an alive control node of this region a voter, one at a time, when safe.
+
+        pysyncobj switches to the new set as soon as the change is logged, so the change must commit on a
+        majority of the new set without the newcomer's help: add only while that many voters are connected.
+        """
+        assert self.swim is not None and self.registry is not None
+        st = self.registry.status()
+        voters = set(st.get("voters") or [])
+        if not st.get("has_quorum") or not voters:
+            return
+        wanting = sorted((m.id, ((m.meta or {}).get("raft") or {}).get("addr")) for m in self.swim.members()
+                         if m.state == "alive" and (m.meta or {}).get("region") == self.cfg.region
+                         and (m.meta or {}).get("role") == "control")
+        wanting = [(nid, addr) for nid, addr in wanting if isinstance(addr, str) and addr not in voters]
+        if not wanting:
+            return
+        nid, addr = wanting[0]
+        if len(voters) >= MAX_VOTERS:  # more voters only slow every write; the rest serve as non-voters
+            if addr not in self._add_refused:
+                self._add_refused.add(addr)
+                log.warning("not adding %s (%s) as a Raft voter: region %s has %d voters already (the most it "
+                            "takes); start it as --role worker", nid, addr, self.cfg.region, len(voters))
+                self.events.publish("raft.voter_add_deferred", region=self.cfg.region, id=nid, raft_addr=addr,
+                                    voters=len(voters), reason="voter limit")
+            return
+        up = 1 + sum(1 for a, connected in st.get("partners", {}).items() if connected and a in voters)
+        need = (len(voters) + 1) // 2 + 1
+        if up < need:
+            if addr not in self._add_refused:
+                self._add_refused.add(addr)
+                log.warning("not adding %s (%s) as a Raft voter: only %d of %d voters are up, and the new set of %d "
+                            "needs %d to commit; remove dead voters first (omx node remove ID)", nid, addr, up,
+                            len(voters), len(voters) + 1, need)
+                self.events.publish("raft.voter_add_deferred", region=self.cfg.region, id=nid, raft_addr=addr,
+                                    voters_up=up, voters=len(voters))
+            return
+        self._add_refused.discard(addr)
+        try:
+            now = await self.registry.add_voter(addr, timeout=10.0)
+        except RegistryError as e:
+            log.warning("could not add %s (%s) as a Raft voter: %s", nid, addr, e)
+            return
+        log.info("added %s (%s) as a Raft voter of region %s; voters now %s", nid, addr, self.cfg.region,
+                 ", ".join(now))
+
+    async def remove_voter(self, addr: str) -> dict[str, Any]:
+        """Drop a Raft address from the region's voters, through the leader (forwarded when not us)."""
+        if self.registry is not None and self.registry.is_leader:
+            return await self.remove_voter_here(addr)
+        return await self._call_control("POST", "/api/v1/internal/voters", {"op": "remove", "addr": addr})
+
+    async def remove_voter_here(self, addr: str) -> dict[str, Any]:
+        """The leader's half of remove_voter; never forwards (a follower answers 503 so the caller moves on)."""
+        if self.registry is None:
+            raise ApiError(503, "this node holds no registry (it is a worker)")
+        try:
+            voters = await self.registry.remove_voter(addr, timeout=10.0)
+        except RegistryMembershipError as e:
+            raise ApiError(409, str(e)) from None
+        except RegistryNotLeader as e:
+            raise ApiError(503, str(e)) from None
+        except RegistryError as e:
+            raise ApiError(503, f"removing voter {addr} failed: {e}") from None
+        log.info("removed %s from the Raft voters of region %s; voters now %s", addr, self.cfg.region,
+                 ", ".join(voters))
+        return {"removed_voter": addr, "voters": voters}
+
+    def raft_addr_of(self, nid: str) -> str | None:
+        """The Raft address a control node of our region advertised (None if this node never saw it)."""
+        m = self.swim.get(nid) if self.swim is not None else None
+        meta = (m.meta or {}) if m is not None else {}
+        addr = (meta.get("raft") or {}).get("addr")
+        if isinstance(addr, str) and meta.get("region") == self.cfg.region and meta.get("role") == "control":
+            return addr
+        return self._raft_addrs.get(nid)
+
+    def region_voters(self) -> list[str]:
+        """The region's voter set: our replica's, or (on a worker) the leader's as it advertises it."""
+        if self.registry is not None:
+            return self.registry.voters()
+        sets = self._advertised_voters()
+        return sets[0][2] if sets else []
 
     # ---- views ------------------------------------------------------------------------------------
     def member_view(self, m: Member, registry_nodes: dict[str, Any]) -> dict[str, Any]:

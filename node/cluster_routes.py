@@ -76,8 +76,24 @@ async def remove(request: web.Request) -> web.Response:
     m = c.swim.get(nid)
     if m is not None and m.state in ("alive", "suspect") and request.query.get("force") != "true":
         raise ApiError(409, f"node {nid} is {m.state}; make it leave first (omx node leave) or pass ?force=true")
-    res = await c.registry_write("remove_node", nid)
-    return json_response({"id": nid, "removed": True, **res})
+    # A control node of our region also gives up its Raft vote, first: a node record without a voter is
+    # harmless, a voter nobody can see any more counts against quorum.
+    raft_addr = request.query.get("raft_addr") or c.raft_addr_of(nid)
+    voter: dict[str, object] = {}
+    if raft_addr is None:
+        record = c.reg.get("nodes", {}).get(nid) or {}
+        if record.get("role") == "control" and record.get("region") == c.cfg.region:
+            raise ApiError(409, f"{nid} is a control node, but this node never saw its Raft address; pass it: "
+                                f"omx node remove {nid} --raft-addr HOST:PORT (?raft_addr=HOST:PORT)")
+    elif raft_addr in c.region_voters():
+        voter = await c.remove_voter(raft_addr)
+    try:
+        res = await c.registry_write("remove_node", nid)
+    except ApiError as e:
+        if e.status != 404 or not voter:
+            raise
+        res = {"ok": True}  # only the vote was left to remove
+    return json_response({"id": nid, "removed": True, **voter, **res})
 
 
 async def join(request: web.Request) -> web.Response:
@@ -108,6 +124,16 @@ async def internal_registry(request: web.Request) -> web.Response:
     if c.registry is None:
         raise ApiError(503, "this node holds no registry (it is a worker)")
     return json_response(await c.registry_write(body["op"], *body["args"]))
+
+
+async def internal_voters(request: web.Request) -> web.Response:
+    """The region leader's end of a voter removal forwarded by another node."""
+    c = _cluster(request)
+    c.check_internal_auth(request.headers.get("Authorization"))
+    body = load_json(await request.read())
+    if not isinstance(body, dict) or body.get("op") != "remove" or not isinstance(body.get("addr"), str):
+        raise ApiError(400, "expected {\"op\": \"remove\", \"addr\": \"HOST:PORT\"}")
+    return json_response(await c.remove_voter_here(body["addr"]))
 
 
 async def events(request: web.Request) -> web.StreamResponse:
@@ -164,4 +190,5 @@ def add_cluster_routes(app: web.Application) -> None:
     r.add_get("/api/v1/events/recent", recent_events)
     r.add_get("/api/v1/registry", registry_snapshot)
     r.add_post("/api/v1/internal/registry", internal_registry)
+    r.add_post("/api/v1/internal/voters", internal_voters)
 

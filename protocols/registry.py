@@ -18,6 +18,12 @@ Safety choices, each forced by how pysyncobj works:
 - `commandsWaitLeader=False`: a queued write would otherwise sit until some future leader appears
   and apply long after its caller gave up. Instead `write()` retries "no leader" itself until its
   deadline.
+- Voters change at runtime (`dynamicMembershipChange`): pysyncobj logs one add/remove entry at a time
+  and every voter switches to the new set when it appends the entry. A voter outside the set is
+  refused at the Raft port, so a new voter must be added first and then started with the full current
+  set as its partners (`Registry.add_voter`). pysyncobj rebuilds the set on restart from the full dump
+  and the committed log; we also keep the last set seen in `voters.json`, so a restarted voter starts
+  from it at once instead of from its (possibly stale) configured partners.
 """
 
 from __future__ import annotations
@@ -53,6 +59,7 @@ __all__ = [
     "RegistryConfig",
     "RegistryConfigError",
     "RegistryError",
+    "RegistryMembershipError",
     "RegistryNotLeader",
     "RegistryStateMachine",
     "RegistryTimeout",
@@ -69,6 +76,7 @@ _RAFT_STATES = {0: "follower", 1: "candidate", 2: "leader"}
 # Failures where pysyncobj guarantees the entry was never appended, so a retry can't double-apply.
 _NOT_APPLIED = {FAIL_REASON.MISSING_LEADER, FAIL_REASON.NOT_LEADER, FAIL_REASON.DISCARDED, FAIL_REASON.QUEUE_FULL}
 _FAIL_NAMES = {v: k for k, v in vars(FAIL_REASON).items() if k.isupper()}
+_REFUSED = -1  # our own code: a membership change refused before it was proposed
 
 
 class RegistryError(Exception):
@@ -89,6 +97,10 @@ class RegistryNotLeader(RegistryError):
     """The leader changed while the write was in flight; it may or may not have applied."""
 
     outcome_unknown = True
+
+
+class RegistryMembershipError(RegistryError):
+    """A voter change that can't be made as asked (bad, duplicate or unknown address, last voter)."""
 
 
 class RegistryTimeout(RegistryError):
@@ -153,7 +165,7 @@ class RegistryConfig:
             useFork=False,
             logCompactionMinEntries=self.compaction_min_entries,
             logCompactionMinTime=self.compaction_min_time,
-            dynamicMembershipChange=False,
+            dynamicMembershipChange=True,
             # pysyncobj binds 0.0.0.0 unless told otherwise.
             bindAddress=self.bind_addr or self.self_addr,
             # With autoTick off, pysyncobj spins on bind retries; fail at once with a clear error instead.
@@ -182,8 +194,13 @@ class RegistryStateMachine(SyncObj):
         self._thread: threading.Thread | None = None
         self._status: dict[str, Any] = {}
         _prepare_data_dir(config)
+        self._voters_file = Path(config.data_dir) / "voters.json"
+        saved = _load_voters(self._voters_file)
+        # The voter set last seen wins over the configured partners: those only seed a fresh voter.
+        partners = [a for a in saved if a != config.self_addr] if saved else list(config.partners)
+        self._saved_voters: tuple[str, ...] = tuple(saved or ())
         try:
-            super().__init__(config.self_addr, list(config.partners), config.syncobj_conf())
+            super().__init__(config.self_addr, partners, config.syncobj_conf())
         except SyncObjException as exc:
             raise RegistryConfigError(
                 f"can't bind the Raft port {config.bind_addr or config.self_addr} ({exc}); is it in use?"
@@ -222,6 +239,44 @@ class RegistryStateMachine(SyncObj):
     @property
     def latest_status(self) -> dict[str, Any]:
         return self._status
+
+    # -- voters (Raft thread only) ----------------------------------------------------------------
+
+    def voter_addrs(self) -> tuple[str, ...]:
+        """Every voter's Raft address (this one included), as of the last appended membership entry."""
+        return tuple(sorted({self.selfNode.address, *(n.address for n in self.otherNodes)}))
+
+    def membership_refusal(self, kind: str, addr: str) -> RegistryError | None:
+        """Why this voter can't propose `kind` ("add"/"remove") of `addr` now, or None when it can."""
+        voters = self.voter_addrs()
+        if not self._isLeader():
+            leader = self._getLeader()
+            name = leader.address if leader is not None else "none"
+            err = RegistryNotLeader(f"this voter ({self._config.self_addr}) is not the Raft leader (leader: {name}); "
+                                    "voters change through the leader")
+            err.outcome_unknown = False
+            return err
+        if kind == "add" and addr in voters:
+            return RegistryMembershipError(f"{addr} is already a voter ({', '.join(voters)})")
+        if kind == "remove":
+            if addr not in voters:
+                return RegistryMembershipError(f"{addr} is not a voter ({', '.join(voters)})")
+            if len(voters) == 1:
+                return RegistryMembershipError(f"{addr} is the last voter; a region needs at least one")
+            if addr == self._config.self_addr:
+                return RegistryMembershipError(
+                    f"{addr} is the Raft leader; transfer leadership to another voter first, then remove it")
+        return None
+
+    def _save_voters(self, voters: tuple[str, ...]) -> None:
+        tmp = self._voters_file.with_suffix(".tmp")
+        try:
+            tmp.write_text(json.dumps(list(voters)))
+            os.replace(tmp, self._voters_file)
+        except OSError:
+            log.exception("cannot save the voter set to %s", self._voters_file)
+            return
+        self._saved_voters = voters
 
     # -- the Raft thread ------------------------------------------------------------------------
 
@@ -272,6 +327,9 @@ class RegistryStateMachine(SyncObj):
             # State arrived as a whole (full dump at start, or a snapshot from the leader), not as
             # individual writes: watchers must resync from snapshot().
             self._notify(Change(revision, "registry.reset", "", None, 0.0))
+        voters = self.voter_addrs()
+        if voters != self._saved_voters:
+            self._save_voters(voters)
         self._publish_status()
 
     def _publish_status(self) -> None:
@@ -288,9 +346,30 @@ class RegistryStateMachine(SyncObj):
             "commit_index": s["commit_idx"],
             "last_applied": s["last_applied"],
             "partners": partners,
+            "voters": list(self.voter_addrs()),
             "has_quorum": s["has_quorum"],
             "revision": self._data["revision"],
         }
+
+
+def _load_voters(path: Path) -> list[str] | None:
+    """The voter set a previous run saved, or None (fresh voter, or an unreadable file)."""
+    try:
+        voters = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        log.warning("ignoring unreadable %s; starting from the configured partners", path)
+        return None
+    if not isinstance(voters, list) or not voters or not all(isinstance(a, str) for a in voters):
+        return None
+    return voters
+
+
+def _check_addr(addr: str) -> None:
+    host, _, port = addr.rpartition(":") if isinstance(addr, str) else ("", "", "")
+    if not host or not port.isdigit():
+        raise RegistryMembershipError(f"bad Raft address {addr!r}; expected host:port")
 
 
 def _prepare_data_dir(config: RegistryConfig) -> None:
@@ -424,6 +503,66 @@ class Registry:
                 return to is None or self._sm.latest_status.get("leader") == to
         except TimeoutError:
             return False
+
+    def voters(self) -> list[str]:
+        """Every voter's Raft address as this voter knows it (≤ tick_period old)."""
+        return list(self._sm.latest_status.get("voters", []))
+
+    async def add_voter(self, addr: str, timeout: float = 10.0) -> list[str]:  # noqa: ASYNC109
+        """Make `addr` a voter (leader only); returns the voter set once the change committed.
+
+        The change commits on a majority of the new set, so add a voter only while the current ones are
+        up. Start the new voter afterwards with the returned set as its partners: voters refuse Raft
+        connections from outside their set.
+        """
+        return await self._change_voters("add", addr, timeout)
+
+    async def remove_voter(self, addr: str, timeout: float = 10.0) -> list[str]:  # noqa: ASYNC109
+        """Drop `addr` from the voters (leader only, never itself); returns the set once committed."""
+        return await self._change_voters("remove", addr, timeout)
+
+    async def _change_voters(self, kind: str, addr: str, timeout: float) -> list[str]:  # noqa: ASYNC109
+        _check_addr(addr)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not self._closed:
+            fut: asyncio.Future[tuple[Any, int]] = loop.create_future()
+            self._pending.add(fut)
+            callback = _resolver(loop, fut)
+
+            def propose(callback: Callable[[Any, int], None] = callback) -> None:
+                # Check and propose on the Raft thread, so no tick runs between the two.
+                refusal = self._sm.membership_refusal(kind, addr)
+                if refusal is not None:
+                    callback(refusal, _REFUSED)
+                elif kind == "add":
+                    self._sm.addNodeToCluster(addr, callback=callback)
+                else:
+                    self._sm.removeNodeFromCluster(addr, callback=callback)
+
+            self._sm.call_soon(propose)
+            try:
+                async with asyncio.timeout_at(deadline):
+                    result, err = await fut
+            except TimeoutError:
+                raise RegistryTimeout(f"{kind} voter {addr}: not committed within {timeout:.1f}s ({self._why()}); "
+                                      "it may still apply") from None
+            finally:
+                self._pending.discard(fut)
+            if err == _REFUSED:
+                raise result
+            if err == FAIL_REASON.SUCCESS:
+                return list(self._sm.latest_status.get("voters", []))
+            if err == FAIL_REASON.REQUEST_DENIED and loop.time() + 0.1 < deadline:
+                # pysyncobj takes one change at a time, and none before the new term's first entry commits.
+                await asyncio.sleep(0.1)
+                continue
+            if err in _NOT_APPLIED or err == FAIL_REASON.REQUEST_DENIED:
+                raise RegistryUnavailable(f"{kind} voter {addr}: {_FAIL_NAMES.get(err, err)} ({self._why()}); "
+                                          "not applied")
+            raise RegistryNotLeader(f"{kind} voter {addr}: {_FAIL_NAMES.get(err, err)} while waiting for the "
+                                    "commit; it may have applied")
+        raise RegistryUnavailable("the registry is closed")
 
     async def close(self) -> None:
         """Stop the Raft thread and release the port and files; in-flight writes end with errors."""

@@ -293,3 +293,82 @@ def test_gpu_figures_parse_nvidia_smi_and_skip_what_they_cannot_read() -> None:
         {"memory_used": 4000 << 20, "memory_total": 81559 << 20, "utilization": 30},
         {"memory_used": 0, "memory_total": 40960 << 20, "utilization": None}]
     assert gpu_view({}) == []
+
+
+def _raft(node: NodeProc) -> dict:
+    return httpx.get(node.url + "/api/v1/node/status", timeout=5).json()["raft"]
+
+
+def _events(node: NodeProc, kind: str) -> list[dict]:
+    events = httpx.get(node.url + "/api/v1/events/recent", timeout=5).json()["events"]
+    return [e["data"] for e in events if e["kind"] == kind]
+
+
+def test_replace_a_dead_control_node_at_runtime(tmp_path: Path) -> None:
+    """kill -9 a voter, `DELETE /api/v1/nodes/{id}` drops its vote, a fresh control node joins as a voter."""
+    from omx.node.launch import free_ports, spawn_node
+
+    controls = start_cluster(tmp_path, 3, 1, "--no-demo", env={"OMX_LOG_LEVEL": "INFO"})
+    fresh: NodeProc | None = None
+    try:
+        leader = agreed_leader(controls)
+        victim = next(n for n in controls if n is not leader)
+        survivors = [n for n in controls if n is not victim]
+        follower = next(n for n in survivors if n is not leader)
+        victim_addr = _raft(victim)["self"]
+        assert sorted(_raft(leader)["voters"]) == sorted(_raft(n)["self"] for n in controls)
+
+        victim.proc.kill()
+        victim.proc.wait(10)
+        wait_until(lambda: everyone_sees(survivors, victim, {"dead"}), 60, what="the killed voter to be dead")
+        # an operator acts later than gossip remembers the dead (reaped after 5 s here, 60 s on a LAN)
+        wait_until(lambda: status_of(follower, victim) is None, 30, what="gossip to reap the dead voter")
+        # the leader itself can't be removed without handing over first; nothing changes
+        r = httpx.delete(f"{follower.url}/api/v1/nodes/{leader.id}?force=true", timeout=30)
+        assert r.status_code == 409 and "transfer leadership" in r.json()["error"], r.text
+        # removing the dead voter through a follower: forwarded to the leader, committed, then the record goes
+        r = httpx.delete(f"{follower.url}/api/v1/nodes/{victim.id}", timeout=30)
+        assert r.status_code == 200, r.text
+        two = sorted(_raft(n)["self"] for n in survivors)
+        assert r.json()["removed_voter"] == victim_addr and sorted(r.json()["voters"]) == two
+        wait_until(lambda: all(sorted(_raft(n)["voters"]) == two for n in survivors), 10,
+                   what="both survivors to drop the dead voter")
+        wait_until(lambda: any(e["raft_addr"] == victim_addr for e in _events(follower, "raft.voter_removed")), 10,
+                   what="the raft.voter_removed event")
+        assert victim.id not in httpx.get(leader.url + "/api/v1/registry", timeout=5).json()["state"]["nodes"]
+
+        # a fresh control node that names one current voter joins and is made a voter by the leader
+        gossip_port, raft_port = free_ports(2)
+        key = str(tmp_path / "cluster.key")
+        fresh = spawn_node(tmp_path / "fresh", "--no-demo", "--region", "default", "--role", "control",
+                           "--cluster-key-file", key, "--raft-peers", _raft(follower)["self"], "--join",
+                           follower.gossip, env={"OMX_LOG_LEVEL": "INFO"}, gossip_port=gossip_port,
+                           raft_port=raft_port).wait_ready(120)
+        fresh_addr = f"127.0.0.1:{raft_port}"
+        # it opened its registry only after the leader had added it, with the whole voter set as partners
+        seat = _events(fresh, "raft.voter_seat")
+        assert len(seat) == 1 and sorted(seat[0]["voters"]) == sorted([*two, fresh_addr])
+        three = sorted([*two, fresh_addr])
+        group = [*survivors, fresh]
+        wait_until(lambda: all(sorted(_raft(n)["voters"]) == three for n in group), 30,
+                   what="every voter to list the new one")
+        wait_until(lambda: any(e["raft_addr"] == fresh_addr for e in _events(leader, "raft.voter_added")), 10,
+                   what="the raft.voter_added event")
+        # a write through the registry reaches the new node's replica
+        assert httpx.post(f"{follower.url}/api/v1/nodes/{leader.id}/cordon", timeout=10).status_code == 200
+
+        def fresh_has_it() -> bool:
+            nodes = httpx.get(fresh.url + "/api/v1/registry", timeout=5).json()["state"]["nodes"]
+            return nodes.get(leader.id, {}).get("cordoned") is True and fresh.id in nodes
+
+        wait_until(fresh_has_it, 30, what="the new voter's replica to hold the write")
+        # the new node really votes: with the other old voter gone, the leader still commits with its ack
+        lead = agreed_leader(group)
+        other = next(n for n in survivors if n is not lead)
+        other.proc.kill()
+        other.proc.wait(10)
+        wait_until(lambda: _cordon_somewhere([n for n in group if n is not other], other.id), 30,
+                   what="a write committed by the leader and the new voter")
+    finally:
+        for n in [*controls, *([fresh] if fresh else [])]:
+            n.stop(signal.SIGKILL)

@@ -378,3 +378,91 @@ async def test_password_mismatch_never_forms_a_cluster(tmp_path: Path) -> None:
         assert len(c.alive()) == 3  # nothing crashed
     finally:
         await c.stop()
+
+
+# -- voters change at runtime (in-process voters) ----------------------------------------------
+
+
+async def _leader_of(regs: list[Registry], within: float = 10) -> Registry:
+    """The voter that leads with every given voter agreeing on it."""
+    found: list[Registry] = []
+
+    async def agreed() -> bool:
+        leaders = {r.status()["leader"] for r in regs}
+        found[:] = [r for r in regs if r.is_leader]
+        return len(leaders) == 1 and None not in leaders and len(found) == 1
+
+    await wait_until(agreed, within, "an agreed leader")
+    return found[0]
+
+
+@pytest.mark.timeout(90)
+async def test_add_and_remove_voters_then_restart_keeps_membership(tmp_path: Path) -> None:
+    from omx.protocols.registry import RegistryMembershipError, RegistryNotLeader
+
+    addrs = [f"127.0.0.1:{free_port()}" for _ in range(4)]
+    a, b, c, d = addrs
+
+    def conf(addr: str, partners: list[str], **kw: Any) -> RegistryConfig:
+        return RegistryConfig(addr, tuple(partners), tmp_path / addr.replace(":", "_"), "pw",
+                              compaction_min_entries=6, **kw)
+
+    regs = {x: await Registry.open(conf(x, [a, b, c])) for x in (a, b, c)}
+    try:
+        leader = await _leader_of(list(regs.values()))
+        follower = next(r for r in regs.values() if r is not leader)
+        assert (await leader.write("set_setting", "before", 1)).ok
+        # Refused before anything is proposed, each with its reason.
+        with pytest.raises(RegistryNotLeader, match="not the Raft leader") as exc:
+            await follower.add_voter(d)
+        assert not exc.value.outcome_unknown
+        with pytest.raises(RegistryMembershipError, match="already a voter"):
+            await leader.add_voter(b)
+        with pytest.raises(RegistryMembershipError, match="not a voter"):
+            await leader.remove_voter(d)
+        with pytest.raises(RegistryMembershipError, match="transfer leadership"):
+            await leader.remove_voter(leader.config.self_addr)
+        with pytest.raises(RegistryMembershipError, match="bad Raft address"):
+            await leader.add_voter("nohost")
+
+        # Add d: it commits on 3 of the 4 new voters, then d starts with the whole set as its partners.
+        voters = await leader.add_voter(d)
+        assert voters == sorted(addrs)
+        regs[d] = await Registry.open(conf(d, [x for x in voters if x != d]))
+        assert (await leader.write("set_setting", "with_d", 2)).ok
+        await wait_until(lambda: asyncio.sleep(0, regs[d].snapshot()["settings"].get("with_d") == 2), 10,
+                         "the new voter to replicate")
+        await wait_until(lambda: asyncio.sleep(0, all(r.voters() == sorted(addrs) for r in regs.values())), 10,
+                         "every voter to know the new set")
+
+        # Remove a follower (stopped first, as a dead voter would be); writes still commit on the rest.
+        gone = next(x for x in (a, b, c) if regs[x] is not leader)
+        await regs.pop(gone).close()
+        assert sorted(await leader.remove_voter(gone)) == sorted(x for x in addrs if x != gone)
+        for i in range(8):  # enough entries to compact the log: the dump must carry the new voter set
+            assert (await leader.write("set_setting", f"after_{i}", i)).ok
+        rest = sorted(regs)
+        await wait_until(lambda: asyncio.sleep(0, all(r.voters() == rest for r in regs.values())), 10,
+                         "every voter to drop the removed one")
+
+        # A follower restarted with its original (stale) partners comes back with the changed set.
+        again = next(x for x in rest if regs[x] is not leader)
+        await regs.pop(again).close()
+        assert json.loads((tmp_path / again.replace(":", "_") / "voters.json").read_text()) == rest
+        regs[again] = await Registry.open(conf(again, [a, b, c]))
+        assert regs[again].voters() == rest or regs[again].status()["voters"] == rest
+        assert (await leader.write("set_setting", "after_restart", 3)).ok
+        await wait_until(lambda: asyncio.sleep(0, all(r.snapshot()["settings"].get("after_restart") == 3
+                                                      for r in regs.values())), 10, "every voter to apply")
+        assert regs[again].voters() == rest and gone not in regs[again].status()["partners"]
+        # Without voters.json, pysyncobj itself rebuilds the set from the full dump and the committed log.
+        await regs.pop(again).close()
+        (tmp_path / again.replace(":", "_") / "voters.json").unlink()
+        regs[again] = await Registry.open(conf(again, [a, b, c]))
+        await wait_until(lambda: asyncio.sleep(0, regs[again].voters() == rest), 10,
+                         "the restarted voter to rebuild the voter set")
+        leader = await _leader_of(list(regs.values()))
+        assert (await leader.write("set_setting", "last", 4)).ok
+    finally:
+        for r in regs.values():
+            await r.close()
