@@ -15,7 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import cluster_view
+from conftest import cluster_view, routed_headers
 
 from omx.models.names import ModelName
 from omx.node.launch import NodeProc, free_ports, start_cluster, wait_until
@@ -181,7 +181,10 @@ def test_corrupt_seeder_is_detected_and_nothing_corrupt_lands(cluster: list[Node
     path = blob_of(b, "bent2:latest", 9 * MB)
     with path.open("r+b") as f:
         f.write(b"Q")
-    assert httpx.request("DELETE", a.url + "/api/delete", json={"model": "bent2"}, timeout=30).status_code == 200
+    # only a's copy goes (a routed request acts on its node alone; a plain /api/delete removes the model from
+    # every holder, b too, once gossip says b holds it)
+    assert httpx.request("DELETE", a.url + "/api/delete", json={"model": "bent2"}, headers=routed_headers(a),
+                         timeout=30).status_code == 200
     code, lines = pull(c, "bent2")
     errors = [x["error"] for x in lines if "error" in x]
     assert errors and ("digest mismatch" in errors[0] or "no usable source" in errors[0]), lines[-2:]
