@@ -3,12 +3,14 @@ multi-node tests ask of them (`from conftest import members`; pytest puts this f
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
 
+from omx.models.store import Store
 from omx.node.launch import NodeProc, start_node
 from omx.protocols.clusterkey import derive, read_key_file
 
@@ -44,3 +46,19 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProc]:
 @pytest.fixture(scope="session")
 def demo_model() -> str:
     return "omx-tiny:latest"
+
+
+@pytest.fixture
+def held_blob_sync(monkeypatch: pytest.MonkeyPatch) -> Iterator[threading.Event]:
+    """Hold the store's background fsyncs of unsynced blobs until the returned event is set (released at the
+    end of the test in any case), so a test can look at the moment between a blob's rename and its fsync."""
+    release = threading.Event()
+    real_sync = Store._sync_blob
+
+    def held_sync(self: Store, hex_digest: str) -> None:
+        release.wait(30)
+        real_sync(self, hex_digest)
+
+    monkeypatch.setattr(Store, "_sync_blob", held_sync)
+    yield release
+    release.set()

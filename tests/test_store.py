@@ -233,17 +233,10 @@ def test_unsynced_install_journals_before_the_rename(tmp_path: Path, monkeypatch
     s.unpin_all(pins)
 
 
-def test_second_open_leaves_a_pending_sync_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_second_open_leaves_a_pending_sync_alone(tmp_path: Path, held_blob_sync: threading.Event) -> None:
     """Another Store on the same root (same process) must neither re-hash nor clear a sync in flight."""
     s = Store(tmp_path / "st")
-    release = threading.Event()
-    real_sync = Store._sync_blob
-
-    def held_sync(self: Store, hex_digest: str) -> None:
-        release.wait(30)
-        real_sync(self, hex_digest)
-
-    monkeypatch.setattr(Store, "_sync_blob", held_sync)
+    release = held_blob_sync
     data = b"still syncing"
     tmp = s.blobs_dir / f"{TMP_PREFIX}{os.getpid()}-test"
     tmp.write_bytes(data)

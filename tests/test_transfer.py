@@ -154,21 +154,14 @@ async def test_one_seeder_ranged_chunks(tmp_path: Path, seeders: list[Seeder]) -
 
 
 async def test_blob_is_visible_before_its_fsync_and_synced_in_the_background(
-    tmp_path: Path, seeders: list[Seeder], monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path, seeders: list[Seeder], held_blob_sync: threading.Event,
 ) -> None:
     """The pull returns once the blob verified and was renamed; the fsync (seconds for a big blob) comes
     after, and a journal entry covers the gap (see test_store's crash recovery)."""
     hexd, data = blob(5 * CHUNK)
     s = await seeder(seeders, {hexd: data})
     store = Store(tmp_path)
-    release = threading.Event()
-    real_sync = Store._sync_blob
-
-    def held_sync(self: Store, hex_digest: str) -> None:
-        release.wait(30)
-        real_sync(self, hex_digest)
-
-    monkeypatch.setattr(Store, "_sync_blob", held_sync)
+    release = held_blob_sync
     f = Fetcher(store, chunk_size=CHUNK)
     try:
         await fetch(f, hexd, len(data), [s.source("a")])
