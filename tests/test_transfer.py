@@ -139,6 +139,16 @@ async def fetch(f: Fetcher, hexd: str, size: int, sources: list[Source]) -> None
         f.store.unpin_all(pins)
 
 
+async def resume_from_fresh_seeder(f: Fetcher, seeders: list[Seeder], hexd: str, data: bytes) -> Seeder:
+    """Finish an interrupted fetch from a new, healthy seeder (then close the fetcher); returns the seeder."""
+    fresh = await seeder(seeders, {hexd: data})
+    try:
+        await fetch(f, hexd, len(data), [fresh.source("fresh")])
+    finally:
+        await f.close()
+    return fresh
+
+
 async def test_one_seeder_ranged_chunks(tmp_path: Path, seeders: list[Seeder]) -> None:
     hexd, data = blob(10 * CHUNK + 123)
     s = await seeder(seeders, {hexd: data})
@@ -249,11 +259,7 @@ async def test_resume_after_interruption(tmp_path: Path, seeders: list[Seeder], 
         await f.close()
         store = Store(tmp_path)  # a restarted node: the running hash is gone, the partial file is not
         f = Fetcher(store, chunk_size=CHUNK, streams=1)
-    fresh = await seeder(seeders, {hexd: data})
-    try:
-        await fetch(f, hexd, len(data), [fresh.source("fresh")])
-    finally:
-        await f.close()
+    fresh = await resume_from_fresh_seeder(f, seeders, hexd, data)
     assert store.blob_path(hexd).read_bytes() == data
     assert fresh.served <= len(data) - 9 * CHUNK  # only what was missing
     assert partials(store) == []
@@ -274,11 +280,7 @@ async def test_resume_whose_record_is_ahead_of_the_data(tmp_path: Path, seeders:
     os.close(fd)
     store = Store(tmp_path)
     f = Fetcher(store, chunk_size=CHUNK, streams=1)
-    fresh = await seeder(seeders, {hexd: data})
-    try:
-        await fetch(f, hexd, len(data), [fresh.source("fresh")])
-    finally:
-        await f.close()
+    fresh = await resume_from_fresh_seeder(f, seeders, hexd, data)
     assert store.blob_path(hexd).read_bytes() == data
     assert not f.health.bad()  # the disk was at fault, not the source
     assert fresh.served > 20 * CHUNK  # the chunks resumed from disk were fetched again
