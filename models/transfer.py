@@ -25,6 +25,7 @@ import asyncio
 import bisect
 import contextlib
 import errno
+import fcntl
 import functools
 import hashlib
 import http.client
@@ -32,6 +33,7 @@ import json
 import logging
 import mmap
 import os
+import select
 import shutil
 import socket
 import sys
@@ -63,6 +65,8 @@ _READ_PIECE = 1 << 20  # received per blocking read: progress and cancellation a
 _RCVBUF = 4 << 20  # the usual net.core.rmem_max; the kernel doubles it
 # Linux ≥ 5.14 (the mmap module names it only from Python 3.13)
 _MADV_POPULATE_WRITE: int | None = getattr(mmap, "MADV_POPULATE_WRITE", 23) if sys.platform == "linux" else None
+_F_SETPIPE_SZ: int = getattr(fcntl, "F_SETPIPE_SZ", 1031)  # Linux; named by fcntl from Python 3.10
+_F_GETPIPE_SZ: int = getattr(fcntl, "F_GETPIPE_SZ", 1032)
 _CONNECT_TIMEOUT = 10.0
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _T = TypeVar("_T")
@@ -216,6 +220,7 @@ class _Conn:
         self.http: http.client.HTTPConnection | None = None
         self.used = False  # has served a response: the server may have closed it since
         self.cancelled = threading.Event()
+        self._pipe: tuple[int, int, int] | None = None
 
     def get(self, host: str, port: int | None) -> http.client.HTTPConnection:
         c = self.http
@@ -233,10 +238,24 @@ class _Conn:
             self.http, self.used = c, False
         return c
 
+    def pipe(self) -> tuple[int, int, int]:
+        """(read end, write end, capacity) of this connection's pipe for splice(2), one piece big where the
+        system allows (/proc/sys/fs/pipe-max-size)."""
+        if self._pipe is None:
+            r, w = os.pipe()
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(w, _F_SETPIPE_SZ, _READ_PIECE)
+            self._pipe = (r, w, fcntl.fcntl(w, _F_GETPIPE_SZ))
+        return self._pipe
+
     def close(self) -> None:
         c, self.http = self.http, None
         if c is not None:
             c.close()
+        p, self._pipe = self._pipe, None
+        if p is not None:  # closed with the connection: a failed piece may have left bytes in it
+            os.close(p[0])
+            os.close(p[1])
 
     def abort(self) -> None:
         self.cancelled.set()
@@ -596,7 +615,6 @@ class BlobTransfer:
     def _get_blocking(self, conn: _Conn, src: Source, i: int, prog: list[int], buf: memoryview) -> None:
         """(thread) One ranged GET on the worker's keep-alive connection, received into `buf` piece by piece."""
         n = self._len(i)
-        self._populate(i)
         u = urllib.parse.urlsplit(src.url(self.hex))
         headers = self._range_headers(src, i)
         target = u.path + (f"?{u.query}" if u.query else "")
@@ -618,25 +636,99 @@ class BlobTransfer:
             self._check_status(r.status, "Range" in headers)
             if r.length is not None and r.length != n:
                 raise SourceError(f"{r.length} bytes for a {n}-byte range")
-            limiter = self.fetcher.limiter
-            got = 0
-            while got < n:
-                if conn.cancelled.is_set():
-                    raise SourceError("cancelled")
-                with buf[got:got + _READ_PIECE] as piece:
-                    k = r.readinto(piece)
-                if not k:
-                    raise SourceError(f"short read ({got} of {n} bytes)")
-                got += k
-                prog[0] = got
-                if limiter is not None:
-                    limiter.take_blocking(k, conn.cancelled)
-            if r.length is None and r.read(1):
-                raise SourceError("more bytes than asked for")
+            if r.length is not None and not r.will_close and self.fetcher.splice:
+                self._splice_body(conn, r, i, prog)
+            else:
+                self._read_body(conn, r, i, prog, buf)
             ok = conn.used = True
         finally:
             if not ok:
                 conn.close()  # a response left half read makes the connection useless
+
+    def _read_body(self, conn: _Conn, r: http.client.HTTPResponse, i: int, prog: list[int], buf: memoryview) -> None:
+        """(thread) The body through http.client (any framing) into `buf`, chunk `i` of the mapping."""
+        self._populate(i)
+        n = len(buf)
+        limiter = self.fetcher.limiter
+        got = 0
+        while got < n:
+            if conn.cancelled.is_set():
+                raise SourceError("cancelled")
+            with buf[got:got + _READ_PIECE] as piece:
+                k = r.readinto(piece)
+            if not k:
+                raise SourceError(f"short read ({got} of {n} bytes)")
+            got += k
+            prog[0] = got
+            if limiter is not None:
+                limiter.take_blocking(k, conn.cancelled)
+        if r.length is None and r.read(1):
+            raise SourceError("more bytes than asked for")
+
+    def _splice_body(self, conn: _Conn, r: http.client.HTTPResponse, i: int, prog: list[int]) -> None:
+        """(thread) A body of known length, spliced from the socket into the partial file.
+
+        splice(2) moves the bytes from the socket into the page cache through a pipe, without passing them
+        through user space. Receiving into the mapping instead made every page a write fault that zeroed
+        the page first (readahead of the not-yet-written extent): that fault path cost more CPU than the
+        hash. http.client has parsed the headers and may hold the first bytes of the body in its buffer;
+        those are written first, then the rest is taken from the socket itself, and the response is closed
+        (the connection stays open for the next request). Where splice is not supported, the chunk fails
+        once and is fetched again through http.client.
+        """
+        n, start = self._len(i), i * self._chunk
+        assert conn.http is not None and conn.http.sock is not None and r.fp is not None
+        limiter = self.fetcher.limiter
+        got = 0
+        if n:
+            head = r.fp.peek(1)[:n]  # what http.client buffered past the headers (one read when nothing)
+            if head:
+                self._disk(os.pwrite, self._fd, r.fp.read(len(head)), start)
+                got = prog[0] = len(head)
+                if limiter is not None:
+                    limiter.take_blocking(got, conn.cancelled)
+        sock = conn.http.sock.fileno()
+        pipe_r, pipe_w, capacity = conn.pipe()
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        while got < n:
+            if conn.cancelled.is_set():
+                raise SourceError("cancelled")
+            try:
+                k = os.splice(sock, pipe_w, min(capacity, n - got))  # the socket is non-blocking (timeout mode)
+            except BlockingIOError:
+                if not poller.poll(conn.timeout * 1000):
+                    raise TimeoutError(f"no data for {conn.timeout:.0f}s") from None
+                continue
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                self.fetcher.splice = False
+                raise SourceError("splice(2) is not supported here; retrying without it") from None
+            if not k:
+                raise SourceError(f"short read ({got} of {n} bytes)")
+            if limiter is not None:
+                limiter.take_blocking(k, conn.cancelled)
+            while k:  # the pipe into the file at its place; the pipe is empty again after this
+                try:
+                    m = os.splice(pipe_r, self._fd, k, offset_dst=start + got)
+                except OSError as e:
+                    if e.errno == errno.EINVAL:
+                        self.fetcher.splice = False
+                        raise SourceError("splice(2) is not supported here; retrying without it") from None
+                    raise _DiskError(e.strerror or str(e)) from None
+                got += m
+                k -= m
+                prog[0] = got
+        r.close()  # the body was taken from under it: it only lets go of its buffer, not of the socket
+
+    @staticmethod
+    def _disk(fn: Callable[..., _T], *args: Any) -> _T:
+        """A write to our own partial file: its errors are _DiskError (no other source can help)."""
+        try:
+            return fn(*args)
+        except OSError as e:
+            raise _DiskError(e.strerror or str(e)) from None
 
     async def _fetch_chunk(self, src: Source, i: int, prog: list[int], buf: memoryview) -> None:
         """One ranged GET through aiohttp (TLS, redirects) into `buf`."""
@@ -726,6 +818,7 @@ class Fetcher:
         self._inflight: dict[str, BlobTransfer] = {}
         self._hash_state: dict[str, tuple[Any, int]] = {}
         self._indirect: set[str] = set()  # sources that redirect: fetched through aiohttp
+        self.splice = hasattr(os, "splice")  # Linux; off once a socket or the filesystem refuses it
 
     def executor(self) -> ThreadPoolExecutor:
         """Threads for blocking receives, writes and hashing; not the loop's default executor, which a few

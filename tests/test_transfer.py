@@ -4,6 +4,7 @@ shared transfers, disk budget and eviction, the pull progress stream."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import os
 import re
@@ -21,6 +22,7 @@ from omx.models.names import ModelName
 from omx.models.store import Store
 from omx.models.transfer import (
     PARTIAL_PREFIX,
+    STREAMS_PER_SOURCE,
     BudgetExceeded,
     Fetcher,
     PullPlan,
@@ -45,6 +47,7 @@ class Seeder:
     corrupt_at: set[int] = field(default_factory=set)  # absolute offsets whose byte is flipped
     die_after: int | None = None  # bytes served before every further request fails
     delay: float = 0.0
+    chunked: bool = False  # bodies in chunked encoding (no Content-Length), as some registries send them
     served: int = 0
     requests: list[tuple[int, int]] = field(default_factory=list)
     url: str = ""
@@ -80,6 +83,14 @@ class Seeder:
             request.transport.close()
             return resp
         self.served += len(body)
+        if self.chunked:
+            resp = web.StreamResponse(status=status, headers=headers)
+            resp.enable_chunked_encoding()
+            await resp.prepare(request)
+            for off in range(0, len(body), 10_000):
+                await resp.write(bytes(body[off:off + 10_000]))
+            await resp.write_eof()
+            return resp
         return web.Response(body=bytes(body), status=status, headers=headers)
 
     async def redirect(self, request: web.Request) -> web.StreamResponse:
@@ -161,6 +172,36 @@ async def test_one_seeder_ranged_chunks(tmp_path: Path, seeders: list[Seeder]) -
     assert store.blob_path(hexd).read_bytes() == data
     assert len(s.requests) == 11 and all(e - b + 1 <= CHUNK for b, e in s.requests)
     assert partials(store) == []
+
+
+@pytest.mark.parametrize("how", ["splice refused", "splice off", "chunked body"])
+async def test_bodies_splice_cannot_take_are_received_into_the_mapping(
+    tmp_path: Path, seeders: list[Seeder], monkeypatch: pytest.MonkeyPatch, how: str,
+) -> None:
+    """Bodies of known length are spliced from the socket into the file; a kernel or filesystem that refuses
+    splice(2) costs one retried chunk, and bodies without a length (chunked) go through http.client."""
+    hexd, data = blob(6 * CHUNK + 77)
+    s = await seeder(seeders, {hexd: data}, chunked=how == "chunked body")
+    refused: list[int] = []
+    if how == "splice refused":
+        def refuse(*args: object, **kw: object) -> int:
+            refused.append(1)
+            raise OSError(errno.EINVAL, "Invalid argument")
+
+        monkeypatch.setattr(os, "splice", refuse)
+    store = Store(tmp_path)
+    f = Fetcher(store, chunk_size=CHUNK)
+    f.splice = how != "splice off"
+    try:
+        await fetch(f, hexd, len(data), [s.source("a")])
+    finally:
+        await f.close()
+    assert store.blob_path(hexd).read_bytes() == data
+    assert partials(store) == []
+    if how == "splice refused":
+        # asked once per worker that was already receiving (one per stream), then never again
+        assert 1 <= len(refused) <= STREAMS_PER_SOURCE and not f.splice
+    assert f.splice == (how == "chunked body")
 
 
 async def test_blob_is_visible_before_its_fsync_and_synced_in_the_background(
