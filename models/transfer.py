@@ -1,16 +1,17 @@
 """Blob transfer between stores: ranged chunks from several sources at once, verified as they arrive.
 
-A blob is fetched in fixed-size chunks over HTTP Range requests, spread over every usable source (omx peers
-or an OCI registry). Chunks may arrive out of order; each is received straight into its place in a hidden,
-memory-mapped partial file, and fed to one running sha256 once the contiguous prefix reaches it. That is the
-only pass over the data: when the last chunk is hashed the digest is known, and a matching blob is renamed
-into place at once; the store journals it and fsyncs it in the background (see `Store.install_blob`), so no
-unverified byte is ever visible, even after a crash. Workers run at most `window` chunks ahead of the hash.
+A blob is fetched in fixed-size chunks, spread over every usable source (omx peers or an OCI registry): each
+worker asks its source for a run of consecutive chunks in one HTTP Range request, and reports every chunk as
+soon as it is in. Chunks may arrive out of order; each is received straight into its place in a hidden
+partial file, and fed to one running sha256 once the contiguous prefix reaches it. That is the only pass
+over the data: when the last chunk is hashed the digest is known, and a matching blob is renamed into place
+at once; the store journals it and fsyncs it in the background (see `Store.install_blob`), so no unverified
+byte is ever visible, even after a crash. Workers run at most `window` chunks ahead of the hash.
 
 The bytes never pass through the event loop: plain-HTTP sources are read in threads on blocking keep-alive
-sockets (recv_into the mapped page cache: the only copy), and the hash runs in a thread too, so receiving
-and hashing overlap on different cores (both release the GIL). The loop only hands out chunk numbers. TLS
-or redirecting sources go through aiohttp.
+sockets (spliced from the socket into the page cache: the only copy), and the hash runs in a thread too,
+reading the file through a memory mapping, so receiving and hashing overlap on different cores (both release
+the GIL). The loop only hands out runs and counts chunks. TLS or redirecting sources go through aiohttp.
 
 The whole-blob sha256 is the only ground truth (a source's own claims prove nothing), so a mismatch is
 localized by refetching one contributing source's chunks from the others: if that fixes the digest, the
@@ -56,9 +57,11 @@ from omx.models.store import BlobNotFound, ModelNotFound, Store, _atomic_write, 
 log = logging.getLogger("omx.transfer")
 
 PARTIAL_PREFIX = ".omx-partial-"
-CHUNK = 16 << 20  # a request costs a seeder ~2 ms of CPU: 8 MiB chunks spent 0.2 CPU-s more per GiB
-STREAMS_PER_SOURCE = 2  # two requests in flight per source keep a connection busy while one finishes
+CHUNK = 4 << 20  # the unit of hashing, resuming and blame: the hash follows the receive this closely
+RUN = 64 << 20  # the most one request asks for (consecutive chunks): a request costs a seeder ~2 ms of CPU
+STREAMS_PER_SOURCE = 1  # one connection per source, busy with long runs; more only split the CPU further
 MAX_STREAMS = 8
+_HASH_BATCH = 16  # chunks hashed in one call at most, so that the window moves on in steps of a run or less
 BAD_FOR_S = 600.0  # how long a source that served bad bytes is left out
 _RECORD_EVERY_S = 1.0
 _READ_PIECE = 1 << 20  # received per blocking read: progress and cancellation are checked between pieces
@@ -270,6 +273,39 @@ class _Conn:
 # One blob
 
 
+@dataclass(eq=False)
+class _Run:
+    """Consecutive chunks asked of one source in one request. The receiving thread advances `received` (bytes,
+    in order) and `done` (whole chunks); the loop hands done chunks to the hash (`marked`, `counted` bytes)."""
+
+    chunks: list[int]
+    src: str
+    start: int  # byte offsets in the blob: [start, end)
+    end: int
+    received: int = 0
+    done: int = 0
+    marked: int = 0
+    counted: int = 0
+
+
+class _Signal:
+    """Wakes every waiter at the next change. The transfer's state is only touched on the event loop, and never
+    across an await, so it needs no lock: waiters re-check their condition after each wake-up."""
+
+    def __init__(self) -> None:
+        self._fut: asyncio.Future[None] | None = None
+
+    def notify(self) -> None:
+        fut, self._fut = self._fut, None
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+
+    async def wait(self) -> None:
+        if self._fut is None:
+            self._fut = asyncio.get_running_loop().create_future()
+        await asyncio.shield(self._fut)  # a cancelled waiter must not cancel the others' future
+
+
 class BlobTransfer:
     """The shared download of one blob; `completed` counts bytes on disk (resumed ones included)."""
 
@@ -278,14 +314,15 @@ class BlobTransfer:
         self.hex = hexd
         self.size = size
         self.sources = list(sources)
-        self._completed = 0  # bytes of whole chunks; those still arriving are counted in _progress
-        self._progress: dict[int, list[int]] = {}  # chunk → [bytes received], updated by a receiving thread
+        self._completed = 0  # bytes of whole chunks; those still arriving are counted in _runs
+        self._runs: list[_Run] = []  # in flight
         self.task: asyncio.Task[None] | None = None
         self.pin_sets: list[set[str]] = []
         # per attempt
         self._chunk = fetcher.chunk_size
         self._n = max(1, -(-size // self._chunk))
-        self._cond = asyncio.Condition()
+        self._changed = _Signal()
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._todo: list[int] = []
         self._mem: dict[int, memoryview] = {}  # received, not yet hashed: chunk → its bytes in the mapping
         self._on_disk: set[int] = set()  # written by an earlier attempt or process, or already hashed
@@ -294,6 +331,7 @@ class BlobTransfer:
         self._hashed = 0
         self._hasher: Any = None
         self._live = 0
+        self._workers = 0
         self._error: str | None = None
         self._fd = -1
         self._map: mmap.mmap | None = None
@@ -305,7 +343,7 @@ class BlobTransfer:
     @property
     def completed(self) -> int:
         """Bytes received so far (resumed ones included), for progress lines."""
-        return self._completed + sum(p[0] for p in list(self._progress.values()))
+        return self._completed + sum(r.received - r.counted for r in list(self._runs))
 
     async def wait(self) -> None:
         assert self.task is not None
@@ -367,7 +405,8 @@ class BlobTransfer:
         self._written = len(keep)
         self._error = None
         self._completed = sum(self._len(i) for i in keep)
-        self._progress = {}
+        self._runs = []
+        self._loop = asyncio.get_running_loop()
         cached = self.fetcher._hash_state.pop(self.hex, None)
         if cached is not None and all(i in keep for i in range(cached[1])):
             self._hasher, self._hashed = cached
@@ -381,7 +420,7 @@ class BlobTransfer:
             per = max(1, streams // len(sources))
             # round-robin: the first chunks (all of a small blob's) go to different sources
             workers = [asyncio.create_task(self._worker(s)) for _ in range(per) for s in sources]
-            self._live = len(workers)
+            self._live = self._workers = len(workers)
             hasher = asyncio.create_task(self._hash_loop())
             try:
                 await hasher
@@ -451,15 +490,15 @@ class BlobTransfer:
         """Chunk `i` of the mapped partial file."""
         return self._view[i * self._chunk:i * self._chunk + self._len(i)]
 
-    def _populate(self, i: int, user_writes: bool = False) -> None:
-        """(thread) Fault chunk `i`'s pages in for writing in one call, so that a full disk (or any I/O
-        error) is an OSError here rather than a SIGBUS or an EFAULT from recv later. Skipped for receives
-        into allocated blocks: letting recv fault each page in just before it fills it cost half the CPU
-        (the zeroed page is still in cache)."""
+    def _populate(self, run: _Run, user_writes: bool = False) -> None:
+        """(thread) Fault the run's pages in for writing in one call, so that a full disk (or any I/O error)
+        is an OSError here rather than a SIGBUS or an EFAULT from recv later. Skipped for receives into
+        allocated blocks: letting recv fault each page in just before it fills it cost half the CPU (the
+        zeroed page is still in cache)."""
         if self._map is None or _MADV_POPULATE_WRITE is None or (self._allocated and not user_writes):
             return
         try:
-            self._map.madvise(_MADV_POPULATE_WRITE, i * self._chunk, self._len(i))
+            self._map.madvise(_MADV_POPULATE_WRITE, run.start, run.end - run.start)
         except OSError as e:
             if e.errno not in (errno.EINVAL, errno.ENOSYS):  # an older kernel: allocation was still done
                 raise _DiskError(e.strerror or str(e)) from None
@@ -516,52 +555,95 @@ class BlobTransfer:
         conn = _Conn(self.fetcher.timeout)
         try:
             while True:
-                async with self._cond:
-                    while True:
-                        if self._error is not None or self._written >= self._n:
-                            return
-                        window = self._hashed + self.fetcher.window
-                        if self._todo and self._todo[0] < window:
-                            i = self._todo.pop(0)
-                            break
-                        await self._cond.wait()
-                prog = self._progress[i] = [0]
-                buf = self._slice(i)
-                try:
-                    await self._fetch(src, i, conn, prog, buf)
-                except _DiskError as e:  # our disk, not the source: no point trying elsewhere
-                    async with self._cond:
-                        self._error = f"cannot write sha256:{self.hex}: {e}"
-                        self._cond.notify_all()
-                    return
-                except (SourceError, aiohttp.ClientError, http.client.HTTPException, OSError) as e:
-                    failures += 1
-                    async with self._cond:
-                        bisect.insort(self._todo, i)
-                        self._cond.notify_all()
-                    permanent = isinstance(e, SourceError) and e.permanent
-                    log.info("chunk %d of sha256:%s from %s failed (%s)%s", i, self.hex[:12], src.id,
-                             e or type(e).__name__, "" if failures < 3 and not permanent else "; dropping source")
-                    if permanent or failures >= 3:
+                while True:
+                    if self._error is not None or self._written >= self._n:
                         return
-                    await asyncio.sleep(0.2 * failures)
-                    continue
+                    if (run := self._claim(src.id)) is not None:
+                        break
+                    await self._changed.wait()
+                error: Exception | None = None
+                try:
+                    await self._fetch(src, run, conn)
+                except (_DiskError, SourceError, aiohttp.ClientError, http.client.HTTPException, OSError) as e:
+                    error = e
                 finally:
-                    self._progress.pop(i, None)
-                failures = 0
-                self._completed += len(buf)
-                async with self._cond:
-                    self._mem[i] = buf
-                    self._by[i] = src.id
-                    self._written += 1
-                    self._cond.notify_all()
+                    self._settle(run)  # also when cancelled: the receiving thread has ended by now
+                if error is None:
+                    failures = 0
+                    continue
+                if isinstance(error, _DiskError):  # our disk, not the source: no point trying elsewhere
+                    self._error = f"cannot write sha256:{self.hex}: {error}"
+                    self._changed.notify()
+                    return
+                failures = 1 if run.done else failures + 1  # chunks that came in count as progress
+                permanent = isinstance(error, SourceError) and error.permanent
+                log.info("chunks %d-%d of sha256:%s from %s failed after %d (%s)%s", run.chunks[0], run.chunks[-1],
+                         self.hex[:12], src.id, run.done, error or type(error).__name__,
+                         "" if failures < 3 and not permanent else "; dropping source")
+                if permanent or failures >= 3:
+                    return
+                await asyncio.sleep(0.2 * failures)
         finally:
             conn.close()  # no thread uses it any more: _blocking waits for them
-            async with self._cond:
-                self._live -= 1
-                if self._live == 0 and self._written < self._n and self._error is None:
-                    self._error = f"no source could serve sha256:{self.hex} (tried {self._source_list()})"
-                self._cond.notify_all()
+            self._live -= 1
+            if self._live == 0 and self._written < self._n and self._error is None:
+                self._error = f"no source could serve sha256:{self.hex} (tried {self._source_list()})"
+            self._changed.notify()
+
+    def _claim(self, src: str) -> _Run | None:
+        """(loop) The lowest chunks left, as one run: consecutive, inside the window, at most a run long, and at
+        most this worker's share of what is left, so that a small blob still spreads over every source."""
+        todo = self._todo
+        window = self._hashed + self.fetcher.window
+        if not todo or todo[0] >= window:
+            return None
+        # runs shorten with more workers: the hash follows one run at a time, at that source's share of the
+        # bandwidth, so the bytes in flight stay about one run whatever the number of sources
+        longest = max(1, self.fetcher.run_chunks // max(1, self._workers))
+        share = max(1, min(longest, -(-len(todo) // max(1, self._live))))
+        k = 1
+        while k < min(share, len(todo)) and todo[k] == todo[0] + k and todo[k] < window:
+            k += 1
+        chunks = todo[:k]
+        del todo[:k]
+        run = _Run(chunks, src, chunks[0] * self._chunk, min(self.size, (chunks[-1] + 1) * self._chunk))
+        self._runs.append(run)
+        return run
+
+    def _arrived(self, run: _Run, got: int) -> None:
+        """(thread) `got` bytes of the run are in, in order: count them, and tell the loop of whole chunks."""
+        run.received = got
+        done = run.done
+        while done < len(run.chunks) and run.start + got >= min(self.size, (run.chunks[done] + 1) * self._chunk):
+            done += 1
+        if done != run.done:
+            run.done = done
+            assert self._loop is not None
+            self._loop.call_soon_threadsafe(self._collect)
+
+    def _collect(self) -> None:
+        """(loop) Hand the chunks that came in to the hash."""
+        for run in self._runs:
+            self._mark(run)
+        self._changed.notify()
+
+    def _mark(self, run: _Run) -> None:
+        while run.marked < run.done:
+            i = run.chunks[run.marked]
+            self._mem[i] = self._slice(i)
+            self._by[i] = run.src
+            self._written += 1
+            self._completed += self._len(i)
+            run.counted += self._len(i)
+            run.marked += 1
+
+    def _settle(self, run: _Run) -> None:
+        """(loop) A run ended, whole or not: keep what came in, and put the rest back."""
+        self._mark(run)
+        for i in run.chunks[run.done:]:
+            bisect.insort(self._todo, i)
+        self._runs.remove(run)
+        self._changed.notify()
 
     def _source_list(self) -> str:
         return ", ".join(s.id for s in self.sources)
@@ -578,29 +660,30 @@ class BlobTransfer:
             await asyncio.wait([fut])
             raise
 
-    async def _fetch(self, src: Source, i: int, conn: _Conn, prog: list[int], buf: memoryview) -> None:
-        """Chunk `i` from `src` into `buf`, its place in the mapped partial file (not yet verified).
+    async def _fetch(self, src: Source, run: _Run, conn: _Conn) -> None:
+        """The run's chunks from `src` into their place in the partial file (not yet verified).
 
-        Plain-HTTP sources are read on a blocking socket in a thread: recv_into straight into the page cache,
-        with the GIL released. aiohttp's streaming body would copy every byte three more times (parser,
-        StreamReader join, into the file) on the event loop, which is what kept the transfer at a third of a
-        plain socket copy. Others (TLS, redirecting registries) go through aiohttp.
+        Plain-HTTP sources are read on a blocking socket in a thread, spliced into the page cache with the GIL
+        released. aiohttp's streaming body would copy every byte three more times (parser, StreamReader join,
+        into the file) on the event loop, which is what kept the transfer at a third of a plain socket copy.
+        Others (TLS, redirecting registries) go through aiohttp.
         """
         if src.blob_prefix.startswith("http://") and src.id not in self.fetcher._indirect:
             try:
-                return await self._blocking(conn, self._get_blocking, conn, src, i, prog, buf)
+                await self._blocking(conn, self._get_blocking, conn, src, run)
             except _NotDirect:
                 log.info("source %s redirects; fetching through aiohttp", src.id)
                 self.fetcher._indirect.add(src.id)
-                prog[0] = 0
-        await self._blocking(None, self._populate, i, True)
-        await self._fetch_chunk(src, i, prog, buf)
+            else:
+                return self._arrived(run, run.end - run.start)  # (a zero-byte blob has no piece to report)
+        await self._blocking(None, self._populate, run, True)
+        await self._fetch_run(src, run)
+        self._arrived(run, run.end - run.start)
 
-    def _range_headers(self, src: Source, i: int) -> dict[str, str]:
-        start, n = i * self._chunk, self._len(i)
+    def _range_headers(self, src: Source, run: _Run) -> dict[str, str]:
         headers = dict(src.headers)
-        if not (start == 0 and n == self.size):
-            headers["Range"] = f"bytes={start}-{start + n - 1}"
+        if not (run.start == 0 and run.end == self.size):
+            headers["Range"] = f"bytes={run.start}-{run.end - 1}"
         return headers
 
     @staticmethod
@@ -612,11 +695,11 @@ class BlobTransfer:
         if status not in (200, 206):
             raise SourceError(f"HTTP {status}")
 
-    def _get_blocking(self, conn: _Conn, src: Source, i: int, prog: list[int], buf: memoryview) -> None:
-        """(thread) One ranged GET on the worker's keep-alive connection, received into `buf` piece by piece."""
-        n = self._len(i)
+    def _get_blocking(self, conn: _Conn, src: Source, run: _Run) -> None:
+        """(thread) One ranged GET for the run on the worker's keep-alive connection, received piece by piece."""
+        n = run.end - run.start
         u = urllib.parse.urlsplit(src.url(self.hex))
-        headers = self._range_headers(src, i)
+        headers = self._range_headers(src, run)
         target = u.path + (f"?{u.query}" if u.query else "")
         while True:
             reused = conn.http is not None and conn.used
@@ -637,35 +720,35 @@ class BlobTransfer:
             if r.length is not None and r.length != n:
                 raise SourceError(f"{r.length} bytes for a {n}-byte range")
             if r.length is not None and not r.will_close and self.fetcher.splice:
-                self._splice_body(conn, r, i, prog)
+                self._splice_body(conn, r, run)
             else:
-                self._read_body(conn, r, i, prog, buf)
+                self._read_body(conn, r, run)
             ok = conn.used = True
         finally:
             if not ok:
                 conn.close()  # a response left half read makes the connection useless
 
-    def _read_body(self, conn: _Conn, r: http.client.HTTPResponse, i: int, prog: list[int], buf: memoryview) -> None:
-        """(thread) The body through http.client (any framing) into `buf`, chunk `i` of the mapping."""
-        self._populate(i)
-        n = len(buf)
+    def _read_body(self, conn: _Conn, r: http.client.HTTPResponse, run: _Run) -> None:
+        """(thread) The body through http.client (any framing) into the run's place in the mapping."""
+        self._populate(run)
+        n = run.end - run.start
         limiter = self.fetcher.limiter
         got = 0
         while got < n:
             if conn.cancelled.is_set():
                 raise SourceError("cancelled")
-            with buf[got:got + _READ_PIECE] as piece:
+            with self._view[run.start + got:run.start + min(n, got + _READ_PIECE)] as piece:
                 k = r.readinto(piece)
             if not k:
                 raise SourceError(f"short read ({got} of {n} bytes)")
             got += k
-            prog[0] = got
+            self._arrived(run, got)
             if limiter is not None:
                 limiter.take_blocking(k, conn.cancelled)
         if r.length is None and r.read(1):
             raise SourceError("more bytes than asked for")
 
-    def _splice_body(self, conn: _Conn, r: http.client.HTTPResponse, i: int, prog: list[int]) -> None:
+    def _splice_body(self, conn: _Conn, r: http.client.HTTPResponse, run: _Run) -> None:
         """(thread) A body of known length, spliced from the socket into the partial file.
 
         splice(2) moves the bytes from the socket into the page cache through a pipe, without passing them
@@ -676,7 +759,7 @@ class BlobTransfer:
         (the connection stays open for the next request). Where splice is not supported, the chunk fails
         once and is fetched again through http.client.
         """
-        n, start = self._len(i), i * self._chunk
+        n, start = run.end - run.start, run.start
         assert conn.http is not None and conn.http.sock is not None and r.fp is not None
         limiter = self.fetcher.limiter
         got = 0
@@ -684,7 +767,8 @@ class BlobTransfer:
             head = r.fp.peek(1)[:n]  # what http.client buffered past the headers (one read when nothing)
             if head:
                 self._disk(os.pwrite, self._fd, r.fp.read(len(head)), start)
-                got = prog[0] = len(head)
+                got = len(head)
+                self._arrived(run, got)
                 if limiter is not None:
                     limiter.take_blocking(got, conn.cancelled)
         sock = conn.http.sock.fileno()
@@ -719,7 +803,7 @@ class BlobTransfer:
                     raise _DiskError(e.strerror or str(e)) from None
                 got += m
                 k -= m
-                prog[0] = got
+            self._arrived(run, got)
         r.close()  # the body was taken from under it: it only lets go of its buffer, not of the socket
 
     @staticmethod
@@ -730,10 +814,10 @@ class BlobTransfer:
         except OSError as e:
             raise _DiskError(e.strerror or str(e)) from None
 
-    async def _fetch_chunk(self, src: Source, i: int, prog: list[int], buf: memoryview) -> None:
-        """One ranged GET through aiohttp (TLS, redirects) into `buf`."""
-        n = self._len(i)
-        headers = self._range_headers(src, i)
+    async def _fetch_run(self, src: Source, run: _Run) -> None:
+        """One ranged GET for the run through aiohttp (TLS, redirects) into its place in the mapping."""
+        n = run.end - run.start
+        headers = self._range_headers(src, run)
         limiter = self.fetcher.limiter
         got = 0
         async with self.fetcher.session().get(src.url(self.hex), headers=headers) as r:
@@ -745,42 +829,46 @@ class BlobTransfer:
                 k = len(piece)
                 if got + k > n:
                     raise SourceError("more bytes than asked for")
-                buf[got:got + k] = piece
+                self._view[run.start + got:run.start + got + k] = piece
                 got += k
-                prog[0] = got
+                self._arrived(run, got)
                 if limiter is not None:
                     await limiter.take(k)
             if got != n:
                 raise SourceError(f"short read ({got} of {n} bytes)")
 
     # ---- the single hashing pass -------------------------------------------------------------------
-    def _hash(self, buf: bytes | memoryview) -> None:
+    def _hash(self, bufs: list[bytes | memoryview]) -> None:
         """(thread) In order, while later chunks are still arriving: hashlib releases the GIL on big updates."""
         t0 = time.thread_time()
-        self._hasher.update(buf)
-        self.fetcher._count_hash(time.thread_time() - t0, len(buf))
+        for buf in bufs:
+            self._hasher.update(buf)
+        self.fetcher._count_hash(time.thread_time() - t0, sum(len(b) for b in bufs))
 
     async def _hash_loop(self) -> None:
+        """Every chunk in order, each consecutive stretch that is in at once: a round trip through the loop per
+        chunk left the hash thread idle for a tenth of the transfer when the hash was the slower side."""
         while self._hashed < self._n:
-            async with self._cond:
-                while True:
-                    if self._error is not None:
-                        return
-                    i = self._hashed
-                    if i in self._mem or i in self._on_disk:
-                        buf = self._mem.pop(i, None)
-                        break
-                    await self._cond.wait()
-            if buf is None:  # resumed from an earlier process (or kept across an attempt): read it once
+            while True:
+                if self._error is not None:
+                    return
+                i = self._hashed
+                if i in self._mem or i in self._on_disk:
+                    break
+                await self._changed.wait()
+            bufs: list[bytes | memoryview] = []
+            while len(bufs) < _HASH_BATCH and (buf := self._mem.pop(i + len(bufs), None)) is not None:
+                bufs.append(buf)
+            if not bufs:  # resumed from an earlier process (or kept across an attempt): read it once
                 # (pread, not the mapping: a read error there would be a SIGBUS, not an OSError)
-                buf = await self._blocking(None, os.pread, self._fd, self._len(i), i * self._chunk)
-            await self._blocking(None, self._hash, buf)
-            if isinstance(buf, memoryview):
-                buf.release()
-            async with self._cond:
-                self._hashed += 1
-                self._on_disk.add(i)
-                self._cond.notify_all()
+                bufs.append(await self._blocking(None, os.pread, self._fd, self._len(i), i * self._chunk))
+            await self._blocking(None, self._hash, bufs)
+            for buf in bufs:
+                if isinstance(buf, memoryview):
+                    buf.release()
+            self._hashed += len(bufs)
+            self._on_disk.update(range(i, i + len(bufs)))
+            self._changed.notify()
             if time.monotonic() - self._last_record > _RECORD_EVERY_S:
                 self._record_later()
 
@@ -797,6 +885,7 @@ class Fetcher:
         store: Store,
         *,
         chunk_size: int = CHUNK,
+        run_size: int = RUN,
         streams: int = STREAMS_PER_SOURCE,
         window: int = 0,
         rate_limit: float = 0,
@@ -805,8 +894,9 @@ class Fetcher:
     ) -> None:
         self.store = store
         self.chunk_size = chunk_size
+        self.run_chunks = max(1, run_size // chunk_size)  # chunks asked for in one request, at most
         self.streams = streams
-        self.window = window or MAX_STREAMS + 4  # chunks received ahead of the hash, at most
+        self.window = window or max(4 * self.run_chunks, MAX_STREAMS + 4)  # chunks received ahead of the hash
         self.limiter = RateLimiter(rate_limit) if rate_limit > 0 else None
         self.health = health or SourceHealth()
         self.timeout = timeout
