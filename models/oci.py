@@ -24,6 +24,7 @@ from omx.models.transfer import PROGRESS_EVERY, Source, TransferError, blob_orde
 DEFAULT_REGISTRY = f"https://{DEFAULT_HOST}"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 _UPLOAD_PIECE = 1 << 20
+REGISTRY_STREAMS = 4  # requests in flight to one registry (see `source`)
 
 
 class RegistryError(TransferError):
@@ -114,7 +115,10 @@ class RegistryClient:
         return data
 
     def source(self) -> Source:
-        return Source(id=self.base, blob_prefix=self.url("blobs/"), headers=dict(self.headers))
+        # a registry is usually across a WAN, where one TCP stream is held back by its window over the round
+        # trip; Ollama's own client downloads parts in parallel for the same reason
+        return Source(id=self.base, blob_prefix=self.url("blobs/"), headers=dict(self.headers),
+                      streams=REGISTRY_STREAMS)
 
     # ---- push ----------------------------------------------------------------------------------------
     async def _has_blob(self, digest: str) -> bool:

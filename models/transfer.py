@@ -106,6 +106,7 @@ class Source:
     id: str
     blob_prefix: str
     headers: Mapping[str, str] = field(default_factory=dict)
+    streams: int = 0  # requests to it at a time; 0: the fetcher's (one: peers on a LAN need no more)
 
     def url(self, hexd: str) -> str:
         return f"{self.blob_prefix}sha256:{hexd}"
@@ -416,10 +417,11 @@ class BlobTransfer:
         try:
             await asyncio.to_thread(self._map_partial)
             await asyncio.to_thread(self._write_record, self._record_data())
-            streams = max(1, min(MAX_STREAMS, self.fetcher.streams * len(sources)))
-            per = max(1, streams // len(sources))
+            want = [s.streams or self.fetcher.streams for s in sources]
             # round-robin: the first chunks (all of a small blob's) go to different sources
-            workers = [asyncio.create_task(self._worker(s)) for _ in range(per) for s in sources]
+            # (every source gets one before any gets a second, up to MAX_STREAMS in all)
+            order = [s for k in range(max(want)) for s, w in zip(sources, want, strict=True) if k < w]
+            workers = [asyncio.create_task(self._worker(s)) for s in order[:max(MAX_STREAMS, len(sources))]]
             self._live = self._workers = len(workers)
             hasher = asyncio.create_task(self._hash_loop())
             try:

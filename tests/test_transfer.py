@@ -51,6 +51,8 @@ class Seeder:
     chunked: bool = False  # bodies in chunked encoding (no Content-Length), as some registries send them
     served: int = 0
     requests: list[tuple[int, int]] = field(default_factory=list)
+    inflight: int = 0
+    peak: int = 0  # the most requests it was answering at once
     url: str = ""
     runner: web.AppRunner | None = None
 
@@ -64,8 +66,13 @@ class Seeder:
         if m:
             start, end = int(m.group(1)), min(int(m.group(2)), len(data) - 1)
         self.requests.append((start, end))
-        if self.delay:
-            await asyncio.sleep(self.delay)
+        self.inflight += 1
+        self.peak = max(self.peak, self.inflight)
+        try:
+            if self.delay:
+                await asyncio.sleep(self.delay)
+        finally:
+            self.inflight -= 1
         body = bytearray(data[start:end + 1])
         for off in self.corrupt_at:
             if start <= off <= end:
@@ -246,6 +253,21 @@ async def test_two_seeders_share_the_chunks(tmp_path: Path, seeders: list[Seeder
         await f.close()
     assert store.blob_path(hexd).read_bytes() == data
     assert a.requests and b.requests and tiles(len(data), a, b)
+
+
+@pytest.mark.parametrize("streams", [0, 3])
+async def test_requests_in_flight_per_source(tmp_path: Path, seeders: list[Seeder], streams: int) -> None:
+    """One request at a time to a peer (runs keep it busy); a source may ask for more (registries do)."""
+    hexd, data = blob(12 * CHUNK)
+    s = await seeder(seeders, {hexd: data}, delay=0.1)
+    store = Store(tmp_path)
+    f = Fetcher(store, chunk_size=CHUNK, run_size=CHUNK)
+    try:
+        await fetch(f, hexd, len(data), [Source(id="s", blob_prefix=f"{s.url}/blobs/", streams=streams)])
+    finally:
+        await f.close()
+    assert store.blob_path(hexd).read_bytes() == data and tiles(len(data), s)
+    assert s.peak == (streams or 1)
 
 
 async def test_corrupt_seeder_is_found_and_its_chunks_refetched(tmp_path: Path, seeders: list[Seeder]) -> None:
