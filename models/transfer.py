@@ -418,8 +418,8 @@ class BlobTransfer:
             await asyncio.to_thread(self._map_partial)
             await asyncio.to_thread(self._write_record, self._record_data())
             want = [s.streams or self.fetcher.streams for s in sources]
-            # round-robin: the first chunks (all of a small blob's) go to different sources
-            # (every source gets one before any gets a second, up to MAX_STREAMS in all)
+            # round-robin: every source gets a worker before any gets a second, up to MAX_STREAMS in all, and
+            # the first runs (a small blob's shares) go to different sources
             order = [s for k in range(max(want)) for s, w in zip(sources, want, strict=True) if k < w]
             workers = [asyncio.create_task(self._worker(s)) for s in order[:max(MAX_STREAMS, len(sources))]]
             self._live = self._workers = len(workers)
@@ -457,11 +457,11 @@ class BlobTransfer:
     def _map_partial(self) -> None:
         """(thread) Size the partial file, allocate its blocks, and map it.
 
-        Receiving into the mapping skips the copy from a buffer into the page cache (pwrite), which into a
-        sparse file cost more CPU than the receive itself; the hash then reads the page cache, which is what
-        reaches the disk. Allocating the blocks up front is what makes that safe: a write fault on a full
-        disk would be a SIGBUS (or an EFAULT from recv), not an error. Where allocation is not supported,
-        `_populate` turns a full disk into an OSError per chunk.
+        The hash reads the chunks through the mapping: the page cache the bytes were spliced into, no copy.
+        Bodies splice cannot take (chunked, TLS, no splice here) are received into the mapping, which skips
+        the copy from a buffer into the page cache; allocating the blocks up front is what makes that safe:
+        a write fault on a full disk would be a SIGBUS (or an EFAULT from recv), not an error. Where
+        allocation is not supported, `_populate` turns a full disk into an OSError per run.
         """
         if os.fstat(self._fd).st_size != self.size:
             os.ftruncate(self._fd, self.size)
