@@ -70,6 +70,8 @@ _RCVBUF = 4 << 20  # the usual net.core.rmem_max; the kernel doubles it
 _MADV_POPULATE_WRITE: int | None = getattr(mmap, "MADV_POPULATE_WRITE", 23) if sys.platform == "linux" else None
 _F_SETPIPE_SZ: int = getattr(fcntl, "F_SETPIPE_SZ", 1031)  # Linux; named by fcntl from Python 3.10
 _F_GETPIPE_SZ: int = getattr(fcntl, "F_GETPIPE_SZ", 1032)
+# what splice(2) answers where it cannot be used (old kernels, some filesystems, seccomp sandboxes)
+_NO_SPLICE = frozenset({errno.EINVAL, errno.ENOSYS, errno.EPERM, errno.EOPNOTSUPP})
 _CONNECT_TIMEOUT = 10.0
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _T = TypeVar("_T")
@@ -93,6 +95,10 @@ class SourceError(Exception):
 
 class _DiskError(Exception):
     """Writing our own partial file failed: no other source can help."""
+
+    def __init__(self, os_error: OSError) -> None:
+        super().__init__(os_error.strerror or str(os_error))
+        self.os_error = os_error
 
 
 class _NotDirect(Exception):
@@ -224,6 +230,7 @@ class _Conn:
         self.http: http.client.HTTPConnection | None = None
         self.used = False  # has served a response: the server may have closed it since
         self.cancelled = threading.Event()
+        self._sock: socket.socket | None = None  # kept: http.client drops its own after `Connection: close`
         self._pipe: tuple[int, int, int] | None = None
 
     def get(self, host: str, port: int | None) -> http.client.HTTPConnection:
@@ -239,7 +246,7 @@ class _Conn:
                 c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _RCVBUF)
             c.sock.settimeout(self.timeout)
             c.timeout = self.timeout
-            self.http, self.used = c, False
+            self.http, self.used, self._sock = c, False, c.sock
         return c
 
     def pipe(self) -> tuple[int, int, int]:
@@ -253,7 +260,7 @@ class _Conn:
         return self._pipe
 
     def close(self) -> None:
-        c, self.http = self.http, None
+        c, self.http, self._sock = self.http, None, None
         if c is not None:
             c.close()
         p, self._pipe = self._pipe, None
@@ -263,8 +270,7 @@ class _Conn:
 
     def abort(self) -> None:
         self.cancelled.set()
-        c = self.http
-        sock = c.sock if c is not None else None
+        sock = self._sock
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
@@ -333,6 +339,7 @@ class BlobTransfer:
         self._hasher: Any = None
         self._live = 0
         self._workers = 0
+        self._disk_error: OSError | None = None  # writing our partial file failed
         self._error: str | None = None
         self._fd = -1
         self._map: mmap.mmap | None = None
@@ -354,7 +361,9 @@ class BlobTransfer:
     async def run(self) -> None:
         try:
             await self._run()
-        except OSError as e:
+        except OSError as e:  # our own disk (opening, sizing, allocating, installing): the partial file goes too,
+            # it would only hold space on a disk that is full or failing
+            await asyncio.to_thread(remove_partial, self.fetcher.store, self.hex)
             raise TransferError(f"cannot store sha256:{self.hex}: {e.strerror or e}") from None
         finally:
             self.fetcher._inflight.pop(self.hex, None)
@@ -405,6 +414,7 @@ class BlobTransfer:
         self._mem = {}
         self._written = len(keep)
         self._error = None
+        self._disk_error = None
         self._completed = sum(self._len(i) for i in keep)
         self._runs = []
         self._loop = asyncio.get_running_loop()
@@ -430,6 +440,8 @@ class BlobTransfer:
                 for w in workers:
                     w.cancel()
                 await asyncio.gather(*workers, return_exceptions=True)
+            if self._disk_error is not None:
+                raise self._disk_error  # (see run)
             if self._error is not None:
                 if self._hashed > 0:  # keep the running hash: an in-process retry resumes without re-reading
                     self.fetcher._hash_state[self.hex] = (self._hasher.copy(), self._hashed)
@@ -503,7 +515,7 @@ class BlobTransfer:
             self._map.madvise(_MADV_POPULATE_WRITE, run.start, run.end - run.start)
         except OSError as e:
             if e.errno not in (errno.EINVAL, errno.ENOSYS):  # an older kernel: allocation was still done
-                raise _DiskError(e.strerror or str(e)) from None
+                raise _DiskError(e) from None
 
     def _install(self) -> None:
         os.fchmod(self._fd, 0o644)
@@ -574,7 +586,8 @@ class BlobTransfer:
                     failures = 0
                     continue
                 if isinstance(error, _DiskError):  # our disk, not the source: no point trying elsewhere
-                    self._error = f"cannot write sha256:{self.hex}: {error}"
+                    self._error = str(error)
+                    self._disk_error = error.os_error
                     self._changed.notify()
                     return
                 failures = 1 if run.done else failures + 1  # chunks that came in count as progress
@@ -659,7 +672,9 @@ class BlobTransfer:
         except asyncio.CancelledError:
             if conn is not None:
                 conn.abort()
-            await asyncio.wait([fut])
+            while not fut.done():  # even when cancelled again: the thread splices into our descriptors
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait([fut])
             raise
 
     async def _fetch(self, src: Source, run: _Run, conn: _Conn) -> None:
@@ -704,15 +719,18 @@ class BlobTransfer:
         headers = self._range_headers(src, run)
         target = u.path + (f"?{u.query}" if u.query else "")
         while True:
+            if conn.cancelled.is_set():
+                raise SourceError("cancelled")
             reused = conn.http is not None and conn.used
             c = conn.get(u.hostname or "", u.port)
             try:
                 c.request("GET", target, headers=headers)
                 r = c.getresponse()
                 break
-            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
-                conn.close()
-                if not reused:  # a kept-alive connection the server closed meanwhile: one fresh try
+            except BaseException as e:
+                conn.close()  # a request without its response (a timeout, a bad status line) blocks the next one
+                retry = isinstance(e, (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError))
+                if not (retry and reused):  # a kept-alive connection the server closed meanwhile: one fresh try
                     raise
         ok = False
         try:
@@ -768,8 +786,9 @@ class BlobTransfer:
         if n:
             head = r.fp.peek(1)[:n]  # what http.client buffered past the headers (one read when nothing)
             if head:
-                self._disk(os.pwrite, self._fd, r.fp.read(len(head)), start)
-                got = len(head)
+                data = memoryview(r.fp.read(len(head)))
+                while got < len(data):
+                    got += self._disk(os.pwrite, self._fd, data[got:], start + got)
                 self._arrived(run, got)
                 if limiter is not None:
                     limiter.take_blocking(got, conn.cancelled)
@@ -787,7 +806,7 @@ class BlobTransfer:
                     raise TimeoutError(f"no data for {conn.timeout:.0f}s") from None
                 continue
             except OSError as e:
-                if e.errno != errno.EINVAL:
+                if e.errno not in _NO_SPLICE:
                     raise
                 self.fetcher.splice = False
                 raise SourceError("splice(2) is not supported here; retrying without it") from None
@@ -799,10 +818,10 @@ class BlobTransfer:
                 try:
                     m = os.splice(pipe_r, self._fd, k, offset_dst=start + got)
                 except OSError as e:
-                    if e.errno == errno.EINVAL:
+                    if e.errno in _NO_SPLICE:
                         self.fetcher.splice = False
                         raise SourceError("splice(2) is not supported here; retrying without it") from None
-                    raise _DiskError(e.strerror or str(e)) from None
+                    raise _DiskError(e) from None
                 got += m
                 k -= m
             self._arrived(run, got)
@@ -814,7 +833,7 @@ class BlobTransfer:
         try:
             return fn(*args)
         except OSError as e:
-            raise _DiskError(e.strerror or str(e)) from None
+            raise _DiskError(e) from None
 
     async def _fetch_run(self, src: Source, run: _Run) -> None:
         """One ranged GET for the run through aiohttp (TLS, redirects) into its place in the mapping."""
