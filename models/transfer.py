@@ -675,6 +675,8 @@ class BlobTransfer:
             while not fut.done():  # even when cancelled again: the thread splices into our descriptors
                 with contextlib.suppress(asyncio.CancelledError):
                     await asyncio.wait([fut])
+            if not fut.cancelled():
+                fut.exception()  # the aborted call's own error is expected; retrieved, so it is not logged
             raise
 
     async def _fetch(self, src: Source, run: _Run, conn: _Conn) -> None:
