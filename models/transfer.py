@@ -463,8 +463,12 @@ class BlobTransfer:
 
     _got = ""
 
+    def _end(self, i: int) -> int:
+        """The offset just past chunk `i` (the last one may be short)."""
+        return min(self.size, (i + 1) * self._chunk)
+
     def _len(self, i: int) -> int:
-        return min(self.size, (i + 1) * self._chunk) - i * self._chunk
+        return self._end(i) - i * self._chunk
 
     def _map_partial(self) -> None:
         """(thread) Size the partial file, allocate its blocks, and map it.
@@ -502,7 +506,7 @@ class BlobTransfer:
 
     def _slice(self, i: int) -> memoryview:
         """Chunk `i` of the mapped partial file."""
-        return self._view[i * self._chunk:i * self._chunk + self._len(i)]
+        return self._view[i * self._chunk:self._end(i)]
 
     def _populate(self, run: _Run, user_writes: bool = False) -> None:
         """(thread) Fault the run's pages in for writing in one call, so that a full disk (or any I/O error)
@@ -621,7 +625,7 @@ class BlobTransfer:
             k += 1
         chunks = todo[:k]
         del todo[:k]
-        run = _Run(chunks, src, chunks[0] * self._chunk, min(self.size, (chunks[-1] + 1) * self._chunk))
+        run = _Run(chunks, src, chunks[0] * self._chunk, self._end(chunks[-1]))
         self._runs.append(run)
         return run
 
@@ -629,7 +633,7 @@ class BlobTransfer:
         """(thread) `got` bytes of the run are in, in order: count them, and tell the loop of whole chunks."""
         run.received = got
         done = run.done
-        while done < len(run.chunks) and run.start + got >= min(self.size, (run.chunks[done] + 1) * self._chunk):
+        while done < len(run.chunks) and run.start + got >= self._end(run.chunks[done]):
             done += 1
         if done != run.done:
             run.done = done
@@ -810,8 +814,7 @@ class BlobTransfer:
             except OSError as e:
                 if e.errno not in _NO_SPLICE:
                     raise
-                self.fetcher.splice = False
-                raise SourceError("splice(2) is not supported here; retrying without it") from None
+                raise self._splice_refused() from None
             if not k:
                 raise SourceError(f"short read ({got} of {n} bytes)")
             if limiter is not None:
@@ -821,13 +824,18 @@ class BlobTransfer:
                     m = os.splice(pipe_r, self._fd, k, offset_dst=start + got)
                 except OSError as e:
                     if e.errno in _NO_SPLICE:
-                        self.fetcher.splice = False
-                        raise SourceError("splice(2) is not supported here; retrying without it") from None
+                        raise self._splice_refused() from None
                     raise _DiskError(e) from None
                 got += m
                 k -= m
             self._arrived(run, got)
         r.close()  # the body was taken from under it: it only lets go of its buffer, not of the socket
+
+    def _splice_refused(self) -> SourceError:
+        """splice(2) cannot be used here (socket or filesystem): the fetcher stops trying it, and the run is
+        fetched again through http.client."""
+        self.fetcher.splice = False
+        return SourceError("splice(2) is not supported here; retrying without it")
 
     @staticmethod
     def _disk(fn: Callable[..., _T], *args: Any) -> _T:

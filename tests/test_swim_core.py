@@ -56,12 +56,8 @@ def test_converges_from_single_seed():
     ids = net.add_nodes(40, config=SwimConfig())
     for i in ids[1:]:
         net.join(i, ids[0])
-    t = 0.0
-    while not net.converged() and t < 20:
-        t += 0.5
-        net.run_until(t)
-    assert net.converged(), "40 members did not converge in 20 s of virtual time"
-    assert t <= 5.0
+    assert net.run_until_converged(20, step=0.5), "40 members did not converge in 20 s of virtual time"
+    assert net.now <= 5.0
 
 
 def test_killed_member_suspected_then_dead_everywhere():
@@ -101,38 +97,33 @@ def test_short_pause_refutes_and_is_never_declared_dead():
     assert net.converged()
 
 
-def test_partition_heals_via_push_pull():
-    cfg = SwimConfig(push_pull_interval=10.0, dead_reap_after=600.0)
-    net, ids = _cluster(12, seed=6, config=cfg)
+def _split_in_halves(dead_reap_after: float, for_s: float) -> tuple[SimNetwork, list[str], list[str]]:
+    """12 members cut into two halves of 6 for `for_s` seconds (push-pull every 10 s); the network and both
+    halves' ids."""
+    net, ids = _cluster(12, seed=6, config=SwimConfig(push_pull_interval=10.0, dead_reap_after=dead_reap_after))
     net.run_until(5)
     a, b = ids[:6], ids[6:]
     net.partition([a, b])
-    net.run_until(net.now + 60)
+    net.run_until(net.now + for_s)
+    return net, a, b
+
+
+def test_partition_heals_via_push_pull():
+    net, a, b = _split_in_halves(dead_reap_after=600.0, for_s=60)
     assert net.states_of(b[0], observers=a) == {DEAD: 6}
     net.heal()
-    t = net.now
-    while not net.converged() and net.now < t + 120:
-        net.run_until(net.now + 1)
-    assert net.converged(), "partition did not heal"
+    assert net.run_until_converged(120), "partition did not heal"
 
 
 def test_partition_longer_than_the_reap_time_still_heals():
     """Both sides reap the other (their members are gone from the table, not just dead): the failed
     members' addresses are still retried, so the halves find each other once the network is back."""
-    cfg = SwimConfig(push_pull_interval=10.0, dead_reap_after=20.0)
-    net, ids = _cluster(12, seed=6, config=cfg)
-    net.run_until(5)
-    a, b = ids[:6], ids[6:]
-    net.partition([a, b])
-    net.run_until(net.now + 120)
+    net, a, b = _split_in_halves(dead_reap_after=20.0, for_s=120)
     assert net.states_of(b[0], observers=a) == {"unknown": 6}  # reaped
-    assert all(net.core(i).num_members == 6 for i in ids)
+    assert all(net.core(i).num_members == 6 for i in a + b)
     net.heal()
-    t = net.now
-    while not net.converged() and net.now < t + 120:
-        net.run_until(net.now + 1)
-    assert net.converged(), "partition did not heal"
-    assert all(net.core(i).num_members == 12 for i in ids)
+    assert net.run_until_converged(120), "partition did not heal"
+    assert all(net.core(i).num_members == 12 for i in a + b)
 
 
 def test_a_member_that_left_is_not_reconnected():

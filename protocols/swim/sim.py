@@ -206,6 +206,13 @@ class SimNetwork:
             c[m.state if m is not None else "unknown"] += 1
         return c
 
+    def run_until_converged(self, within: float, step: float = 1.0) -> bool:
+        """Advance in `step`s of virtual time until `converged()`, for at most `within` seconds."""
+        end = self.now + within
+        while not self.converged() and self.now < end:
+            self.run_until(min(end, self.now + step))
+        return self.converged()
+
     def converged(self, ids: Iterable[str] | None = None) -> bool:
         """Every live member in ``ids`` sees exactly the others in ``ids`` as alive."""
         want = sorted(ids if ids is not None else self.live_ids())
