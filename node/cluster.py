@@ -5,11 +5,12 @@ holds what operators decided (cordon, drain, removal) and what the leader conclu
 membership (a node SWIM declared dead is marked dead). Only the region's Raft leader writes
 membership conclusions, so two nodes never race to record the same fact.
 
-Voters change at runtime: a fresh control node joins gossip first, advertises its Raft address as
-"joining", and opens its registry only once the region's leader has added it (with the full voter set
-the leader advertises as its partners; pysyncobj voters refuse Raft connections from outside their
-set). The leader adds one such node at a time, and only while the voters that are up can commit the
-change without it. `omx node remove` of a control node drops its address from the voters.
+Voters change at runtime: a fresh control node joins gossip first, checks that its settings agree with
+the cluster's, then advertises its Raft address as "joining", and opens its registry only once the
+region's leader has added it (with the full voter set the leader advertises as its partners; pysyncobj
+voters refuse Raft connections from outside their set). The leader adds one such node at a time, and
+only while the voters that are up can commit the change without it. `omx node remove` of a control node
+drops its address from the voters.
 """
 
 from __future__ import annotations
@@ -193,6 +194,9 @@ class Cluster:
         # dead member (60 s on a LAN), so `omx node remove` can still drop the vote of a node gone long ago.
         self._raft_addrs: dict[str, str] = {}
         self._left = False
+        # A fresh control node asks the leader for a Raft seat (advertises "joining") only once its config
+        # checked out: a node that is about to refuse to run must never become a voter nobody can reach.
+        self._seat_wanted = False
 
     # ---- lifetime -----------------------------------------------------------------------------
     async def start(self, api_url: str) -> None:
@@ -228,6 +232,8 @@ class Cluster:
             await self._join_with_retry(seeds, explicit=bool(cfg.join))
             self._check_config_matches()
         if joining:
+            self._seat_wanted = True
+            self.publish_meta()
             await self._open_registry(await self._await_voter_seat())
             await self._read_registry()
             self.publish_meta()
@@ -419,7 +425,7 @@ class Cluster:
             st = self.registry.status()
             raft = {"addr": self.raft_addr, "state": st.get("raft_state"), "leader": st.get("leader"),
                     "term": st.get("term"), "voters": st.get("voters")}
-        elif self.raft_addr is not None:  # a fresh control node waiting for the leader to add it
+        elif self.raft_addr is not None and self._seat_wanted:  # a fresh control node waiting for its seat
             raft = {"addr": self.raft_addr, "state": "joining", "leader": None, "term": None}
         loaded = sorted(r.spec.name for r in self.runners.live())[:16]
         mine = self.reg.get("nodes", {}).get(self.id, {})

@@ -108,6 +108,9 @@ def test_wrong_key_join_fails_with_one_clear_message(cluster: list[NodeProc], tm
     assert rogue.proc.wait(60) != 0
     out = "".join(rogue.log)
     assert "config mismatch" in out and "Traceback" not in out
+    # ... and it never became a voter (one nobody can reach would count against quorum from then on)
+    three = sorted(httpx.get(n.url + "/api/v1/node/status", timeout=5).json()["raft"]["self"] for n in cluster[:3])
+    assert sorted(httpx.get(cluster[0].url + "/api/v1/node/status", timeout=5).json()["raft"]["voters"]) == three
 
 
 def test_node_actions_through_any_node(cluster: list[NodeProc]) -> None:
@@ -168,14 +171,19 @@ def test_graceful_leave_is_not_a_failure(cluster: list[NodeProc]) -> None:
     assert leaver.stop() == 0
 
 
-def _cordon_somewhere(nodes: list[NodeProc], target_id: str) -> bool:
+def _cordon_somewhere(nodes: list[NodeProc], target_id: str, answers: list[str] | None = None) -> bool:
+    """True once one node commits the write; `answers` collects the refusals (they say why: quorum, leader)."""
     for n in nodes:
         try:
             r = httpx.post(f"{n.url}/api/v1/nodes/{target_id}/cordon", timeout=2)
-        except httpx.HTTPError:
+        except httpx.HTTPError as e:
+            if answers is not None:
+                answers.append(f"{n.id}: {type(e).__name__}")
             continue
         if r.status_code == 200:
             return True
+        if answers is not None:
+            answers.append(f"{n.id}: HTTP {r.status_code} {r.text[:400]}")
     return False
 
 
@@ -188,7 +196,12 @@ def test_leader_killed_writes_resume_quickly_then_full_restart_keeps_registry(cl
     t0 = time.monotonic()
     leader.proc.kill()
     leader.proc.wait(10)
-    wait_until(lambda: _cordon_somewhere(survivors, survivors[0].id), 30, 0.05, what="a write after leader loss")
+    answers: list[str] = []
+    try:
+        wait_until(lambda: _cordon_somewhere(survivors, survivors[0].id, answers), 30, 0.05,
+                   what="a write after leader loss")
+    except TimeoutError as e:
+        raise AssertionError(f"{e}; the last answers: {answers[-2:]}") from None
     resumed = time.monotonic() - t0
     print(f"\nwrites resumed {resumed:.2f}s after the Raft leader was killed")
     assert resumed < 3.0
@@ -373,3 +386,39 @@ def test_replace_a_dead_control_node_at_runtime(tmp_path: Path) -> None:
     finally:
         for n in [*controls, *([fresh] if fresh else [])]:
             n.stop(signal.SIGKILL)
+
+
+async def test_a_control_node_its_config_check_refuses_never_asks_for_a_raft_seat(tmp_path: Path) -> None:
+    """The leader adds any control node that advertises "joining" as a voter. A node that then refuses to run
+    would stay a voter nobody can reach, and a 3-voter region would lose quorum at the next failure."""
+    from omx.models.store import Store
+    from omx.node.cluster import Cluster, ClusterStartError
+    from omx.node.config import NodeConfig
+    from omx.node.events import EventBus
+    from omx.node.launch import free_ports
+    from omx.node.runners import RunnerManager
+    from omx.protocols.clusterkey import generate_key_file
+
+    key = tmp_path / "cluster.key"
+    generate_key_file(key)
+    gossip, raft, rogue_gossip, rogue_raft = free_ports(4)
+
+    def make(name: str, **kw: object) -> Cluster:
+        cfg = NodeConfig(data_dir=tmp_path / name, role="control", cluster_key_file=key, **kw)
+        runners = RunnerManager(max_loaded=1, num_parallel=1, max_queue=1, default_keep_alive=0, load_timeout=1,
+                                device="cpu", dtype="float32")
+        return Cluster(cfg, EventBus(), runners, Store(cfg.data_dir))
+
+    first = make("first", gossip_port=gossip, raft_port=raft)
+    await first.start("http://127.0.0.1:1")
+    rogue = make("rogue", gossip_port=rogue_gossip, raft_port=rogue_raft, join=[f"127.0.0.1:{gossip}"])
+    try:
+        # no --raft-peers naming the region's voter: it would start a second Raft group, so it refuses to run
+        with pytest.raises(ClusterStartError, match="config mismatch"):
+            await rogue.start("http://127.0.0.1:2")
+        seen = first.swim.get(rogue.id) if first.swim else None
+        assert seen is not None and seen.state == "alive"  # it did join gossip before its check
+        assert (seen.meta or {}).get("raft") is None  # ... but never asked the leader for a seat
+    finally:
+        await rogue.stop()
+        await first.stop()
