@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import json
 import logging
@@ -87,6 +88,7 @@ async def errors_mw(request: web.Request, handler: Handler) -> web.StreamRespons
         return error_response(500, f"internal error: {type(e).__name__}")
 
 
+@functools.lru_cache(maxsize=256)  # parsing an address costs more than the rest of a routed request's checks
 def _host_allowed(host_header: str) -> bool:
     host = host_header.rsplit(":", 1)[0] if host_header.count(":") == 1 else host_header
     host = host.strip("[]").lower()

@@ -35,6 +35,15 @@ class Metrics:
                               buckets=_LATENCY_BUCKETS, registry=r)
         self.prompt_tokens = Counter("omx_prompt_tokens", "Prompt tokens evaluated", ["model"], registry=r)
         self.gen_tokens = Counter("omx_generated_tokens", "Tokens generated", ["model"], registry=r)
+        self._children: dict[tuple[Any, ...], Any] = {}  # as bounded as the labels (see above)
+
+    def _child(self, metric: Counter | Histogram, *labels: str) -> Any:
+        """`metric.labels(*labels)`, remembered: prometheus_client validates and locks on every call."""
+        key = (id(metric), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def add_collector(self, collector: Collector) -> None:
         self.registry.register(collector)
@@ -55,14 +64,14 @@ class Metrics:
                 info = request.match_info.route.resource
                 route = info.canonical if info is not None else "unmatched"
                 model = str(request.get(MODEL_KEY, "")) if status < 400 else ""
-                self.requests.labels(route, model, str(status)).inc()
-                self.latency.labels(route).observe(time.perf_counter() - t0)
+                self._child(self.requests, route, model, str(status)).inc()
+                self._child(self.latency, route).observe(time.perf_counter() - t0)
                 if TTFT_KEY in request:
-                    self.ttft.labels(route).observe(request[TTFT_KEY])
+                    self._child(self.ttft, route).observe(request[TTFT_KEY])
                 if TOKENS_KEY in request and model:
                     p, g = request[TOKENS_KEY]
-                    self.prompt_tokens.labels(model).inc(p)
-                    self.gen_tokens.labels(model).inc(g)
+                    self._child(self.prompt_tokens, model).inc(p)
+                    self._child(self.gen_tokens, model).inc(g)
 
         return metrics_mw
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -43,6 +44,7 @@ RESUME_FIELD = "_omx_resume"
 RETRY_AFTER_S = 1
 
 
+@functools.lru_cache(maxsize=1024)  # asked several times per routed request; names repeat
 def model_key(raw: str) -> str:
     """One spelling per model, as gossip advertises it ("omx-tiny" and "omx-tiny:latest" are one model)."""
     try:
@@ -432,7 +434,8 @@ class Router:
             while True:
                 limit = self.cfg.load_timeout if first else self.cfg.route_stall_timeout
                 try:
-                    line = await asyncio.wait_for(resp.content.readline(), limit)
+                    async with asyncio.timeout(limit):  # (wait_for would wrap each line's read in a task)
+                        line = await resp.content.readline()
                 except TimeoutError:
                     raise UpstreamError(504, f"{t.id} sent nothing for {limit:.0f}s", True) from None
                 except (aiohttp.ClientError, OSError, ValueError) as e:

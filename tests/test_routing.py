@@ -230,6 +230,65 @@ def test_external_instance_is_health_checked_and_routed_to(cluster: list[NodePro
         ext.stop()
 
 
+def _load_duo_on_node1_only(cluster: list[NodeProc], observer: NodeProc) -> None:
+    """Unload duo everywhere, then load it on node 1 only (a router prefers a replica with the model loaded)."""
+    n1, n2, n3, _ = cluster
+    assert httpx.post(n3.url + "/api/generate", json={"model": "duo", "keep_alive": 0}, timeout=60).status_code == 200
+    pinned = httpx.post(n1.url + "/api/generate", json={"model": "duo", "keep_alive": "10m"},
+                        headers=routed_headers(n1), timeout=120)
+    assert pinned.status_code == 200
+
+    def loaded_per_gossip() -> dict[str, bool]:  # what the observer's router decides from
+        return {m["id"]: "duo:latest" in (m["meta"].get("models") or []) for m in members(observer)}
+
+    wait_until(lambda: ps_nodes(n3, "duo") == {n1.id} and loaded_per_gossip().get(n1.id)
+               and not loaded_per_gossip().get(n2.id), 30, what="duo to be loaded on node 1 only")
+
+
+def test_a_replica_that_stalls_midstream_is_resumed_elsewhere(cluster: list[NodeProc], tmp_path: Path) -> None:
+    """A replica that stops sending but keeps its connection open (a hung process, a frozen VM: SIGSTOP here)
+    gets `route_stall_timeout` seconds, then the client's stream continues from another replica."""
+    n1, n2, _, _ = cluster
+    body = {"model": "duo", "prompt": "once upon a time", "options": GREEDY}
+    ref = httpx.post(n2.url + "/api/generate", json={**body, "stream": False}, timeout=120).json()
+    conf = tmp_path / "router.toml"
+    conf.write_text("route_stall_timeout = 2.0\n")
+    key = n1.argv[n1.argv.index("--cluster-key-file") + 1]
+    router = start_node(tmp_path / "router", "--config", str(conf), "--role", "worker", "--no-demo",
+                        "--cluster-key-file", key, "--join", n2.gossip, env={"OMX_LOG_LEVEL": "INFO"})
+    stopped = False
+    try:
+        wait_until(lambda: advertised([router], n1, "duo:latest") and advertised([router], n2, "duo:latest"), 30,
+                   what="the new router to learn duo's holders")
+        _load_duo_on_node1_only(cluster, router)
+        received: list[dict] = []
+        with httpx.stream("POST", router.url + "/api/generate", json=body, timeout=120) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if not line:
+                    continue
+                received.append(json.loads(line))
+                if len(received) == 10:
+                    os.kill(n1.proc.pid, signal.SIGSTOP)
+                    stopped = True
+                elif stopped:  # the stream goes on: from node 2, since node 1 is still stopped
+                    os.kill(n1.proc.pid, signal.SIGCONT)
+                    stopped = False
+        assert len(received) > 11 and not any("error" in c for c in received), received[-1]
+        final = received[-1]
+        assert final["done"] and final["eval_count"] == GREEDY["num_predict"]
+        assert "".join(c.get("response", "") for c in received) == ref["response"]
+        metrics = httpx.get(router.url + "/api/v1/proxy/metrics", timeout=5).json()
+        assert metrics["resumes_total"] == 1
+        events = httpx.get(router.url + "/api/v1/events/recent", timeout=5).json()["events"]
+        assert [e["data"]["target"] for e in events if e["kind"] == "router.resumed"] == [n2.id]
+    finally:
+        os.kill(n1.proc.pid, signal.SIGCONT)
+        router.stop()
+    wait_until(lambda: all({m["id"]: m["status"] for m in members(n)}.get(n1.id) == "alive" for n in cluster[1:3]),
+               60, what="node 1 to be alive again for the next tests")
+
+
 def test_midstream_kill_resumes_on_another_replica(cluster: list[NodeProc]) -> None:
     """kill -9 of the node streaming a generation: the client's stream continues from another replica and
     ends exactly as an uninterrupted greedy generation would."""
@@ -237,17 +296,7 @@ def test_midstream_kill_resumes_on_another_replica(cluster: list[NodeProc]) -> N
     body = {"model": "duo", "prompt": "once upon a time", "options": GREEDY}
     ref = httpx.post(n2.url + "/api/generate", json={**body, "stream": False}, timeout=120).json()
     assert ref["eval_count"] == GREEDY["num_predict"]
-    # unload duo everywhere, then load it on node 1 only (the router prefers a replica with the model loaded)
-    assert httpx.post(n3.url + "/api/generate", json={"model": "duo", "keep_alive": 0}, timeout=60).status_code == 200
-    pinned = httpx.post(n1.url + "/api/generate", json={"model": "duo", "keep_alive": "10m"},
-                        headers=routed_headers(n1), timeout=120)
-    assert pinned.status_code == 200
-
-    def loaded_per_gossip() -> dict[str, bool]:  # what node 3's router decides from
-        return {m["id"]: "duo:latest" in (m["meta"].get("models") or []) for m in members(n3)}
-
-    wait_until(lambda: ps_nodes(n3, "duo") == {n1.id} and loaded_per_gossip().get(n1.id)
-               and not loaded_per_gossip().get(n2.id), 30, what="duo to be loaded on node 1 only")
+    _load_duo_on_node1_only(cluster, n3)
 
     received: list[dict] = []
     killed = threading.Event()
