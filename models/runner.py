@@ -8,6 +8,7 @@ runner exits as soon as its stdin closes, so a dead node leaves no orphan holdin
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -108,6 +109,10 @@ class Runner:
             t: i for t, i in self.tok.get_added_vocab().items()
             if t in specials or (t.startswith("<") and t.endswith(">"))
         }
+        # The loaded model and libraries (~250k objects) live as long as the runner: frozen, a full collection
+        # no longer walks them (175 ms measured in a node process, a stall for every sequence being decoded).
+        gc.collect()
+        gc.freeze()
         self.thread = threading.Thread(target=self.engine.run, name="decode", daemon=True)
         self.thread.start()
         params = sum(p.numel() * p.element_size() for p in self.model.parameters())

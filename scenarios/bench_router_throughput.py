@@ -6,8 +6,10 @@ wrk load (non-streamed `/api/generate` POSTs on keep-alive connections) is sent,
   - the backend directly (the ceiling of this machine with this load generator),
   - nginx with `proxy_pass` and upstream keep-alive (the peer: a plain reverse proxy, no decisions),
   - an omx node that knows the backend as an external instance (`omx proxy add`): it parses the request,
-    picks a replica (health, circuit, load), forwards it, reads the NDJSON answer and merges it.
-All three proxies run one worker process, so the figures are per core. A region with N routers scales
+    picks a replica (health, circuit, load), forwards it, reads the NDJSON answer and merges it,
+  - the floor of omx's own stack: an aiohttp server on uvloop that forwards each POST through one keep-alive
+    aiohttp client session and returns the answer as it came (no parsing, no decisions, no metrics).
+All proxies run one worker process, so the figures are per core. A region with N routers scales
 with N (routers share nothing on the request path); the 10,000 req/s per region target is the product.
 
 Needs nginx and wrk on PATH (Debian: apt-get install nginx wrk). Prints medians over the rounds.
@@ -24,6 +26,7 @@ import re
 import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -82,7 +85,35 @@ def wrk(url: str, seconds: int, connections: int, script: Path) -> tuple[float, 
     return rps, p50
 
 
+def serve_plain_aiohttp(backend_url: str, port: int) -> None:
+    """The plain aiohttp proxy row: what the same libraries cost with nothing of omx on top."""
+    import asyncio
+
+    import uvloop
+    from aiohttp import ClientSession, TCPConnector, web
+
+    async def run() -> None:
+        session = ClientSession(connector=TCPConnector(limit=0))
+
+        async def forward(request: web.Request) -> web.Response:
+            async with session.post(backend_url + request.path, data=await request.read(),
+                                    headers={"Content-Type": "application/json"}) as r:
+                return web.Response(body=await r.read(), status=r.status, content_type="application/json")
+
+        app = web.Application()
+        app.router.add_post("/api/generate", forward)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        await asyncio.Event().wait()
+
+    uvloop.run(run())
+
+
 def main() -> int:
+    if len(sys.argv) == 4 and sys.argv[1] == "--serve-plain-aiohttp":
+        serve_plain_aiohttp(sys.argv[2], int(sys.argv[3]))
+        return 0
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=3)
@@ -94,7 +125,7 @@ def main() -> int:
             return 2
     with tempfile.TemporaryDirectory(prefix="omx-bench-rt-") as d:
         tmp = Path(d)
-        backend_port, proxy_port = free_ports(2)
+        backend_port, proxy_port, plain_port = free_ports(3)
         backend = start_nginx(nginx_conf(tmp, "backend", f"""
     server {{
         listen 127.0.0.1:{backend_port};
@@ -114,9 +145,10 @@ def main() -> int:
             proxy_set_header Connection "";
         }}
     }}"""), proxy_port)
+        backend_url = f"http://127.0.0.1:{backend_port}"
+        plain = subprocess.Popen([sys.executable, __file__, "--serve-plain-aiohttp", backend_url, str(plain_port)])
         node = start_node(tmp / "node", "--no-demo", env={"OMX_LOG_LEVEL": "WARNING"})
         try:
-            backend_url = f"http://127.0.0.1:{backend_port}"
             r = httpx.post(node.url + "/api/v1/proxy/instances", json={"url": backend_url}, timeout=10)
             r.raise_for_status()
             wait_until(lambda: httpx.post(node.url + "/api/generate", content=BODY, timeout=5).status_code == 200,
@@ -125,7 +157,9 @@ def main() -> int:
             script.write_text(f'wrk.method = "POST"\nwrk.body = {json.dumps(BODY)}\n'
                               'wrk.headers["Content-Type"] = "application/json"\n')
             targets = {"backend (ceiling)": backend_url, "nginx proxy_pass": f"http://127.0.0.1:{proxy_port}",
-                       "omx router": node.url}
+                       "omx router": node.url, "plain aiohttp proxy": f"http://127.0.0.1:{plain_port}"}
+            wait_until(lambda: httpx.post(targets["plain aiohttp proxy"] + "/api/generate", content=BODY,
+                                          timeout=5).status_code == 200, 30, what="the plain aiohttp proxy")
             for url in targets.values():  # warm up connections, caches and the node's holder index
                 wrk(url + "/api/generate", 1, args.connections, script)
             results: dict[str, list[tuple[float, float]]] = {k: [] for k in targets}
@@ -140,11 +174,12 @@ def main() -> int:
             for name, vals in results.items():
                 print(f"{name:>20} {med[name]:>10.0f} {statistics.median(p for _, p in vals):>15.2f}")
             ratio = med["omx router"] / med["nginx proxy_pass"]
-            print(f"omx router / nginx proxy_pass: {ratio:.2f}x; routers for 10,000 req/s at this rate: "
+            print(f"omx router / nginx proxy_pass: {ratio:.2f}x; omx router / plain aiohttp proxy: "
+                  f"{med['omx router'] / med['plain aiohttp proxy']:.2f}x; routers for 10,000 req/s at this rate: "
                   f"{-(-10000 // max(1, int(med['omx router'])))}")
         finally:
             node.stop()
-            for p in (proxy, backend):
+            for p in (plain, proxy, backend):
                 p.terminate()
                 p.wait(10)
     return 0
