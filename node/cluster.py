@@ -70,6 +70,16 @@ def _remembered_port(path: Path, host: str) -> int:
     return port
 
 
+def _check_port_free(host: str, port: int) -> None:
+    """Fail before asking for a Raft seat: a voter that is seated and then cannot listen is a vote lost."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as pysyncobj binds it
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise ClusterStartError(f"cannot listen for Raft on {host}:{port}: {e.strerror or e}") from None
+
+
 def _meminfo(field: str) -> int:
     """Bytes from /proc/meminfo (MemAvailable: what new models can use; MemTotal); 0 when unknown."""
     try:
@@ -214,7 +224,9 @@ class Cluster:
             self.raft_addr = f"{host}:{raft_port}"
             # A fresh voter with somewhere to join learns the region's voter set (and its seat) from gossip first.
             joining = bool(seeds) and not (cfg.data_dir / "raft" / "raft.journal").exists()
-            if not joining:
+            if joining:
+                _check_port_free(cfg.host, raft_port)
+            else:
                 await self._open_registry(list(cfg.raft_peers))
         await asyncio.to_thread(self._scan_store)
         await self._read_registry()
@@ -294,6 +306,8 @@ class Cluster:
                 log.info("no voter of region %s runs yet; forming its Raft group from --raft-peers", self.cfg.region)
                 return list(self.cfg.raft_peers)
             if waited > VOTER_SEAT_TIMEOUT:
+                self._seat_wanted = False  # withdrawn before we go, so the leader does not seat us now
+                self.publish_meta()
                 current = ", ".join(leader_sets[0] if leader_sets else sorted({a for _, _, v in sets for a in v}))
                 raise ClusterStartError(
                     f"the Raft leader of region {self.cfg.region!r} did not add this node ({self.raft_addr}) as a "

@@ -44,13 +44,20 @@ RESUME_FIELD = "_omx_resume"
 RETRY_AFTER_S = 1
 
 
-@functools.lru_cache(maxsize=1024)  # asked several times per routed request; names repeat
 def model_key(raw: str) -> str:
     """One spelling per model, as gossip advertises it ("omx-tiny" and "omx-tiny:latest" are one model)."""
+    # Asked several times per routed request, and names repeat; a client's long string is not kept.
+    return _model_key(raw) if len(raw) <= 256 else _parse_model_key(raw)
+
+
+def _parse_model_key(raw: str) -> str:
     try:
         return ModelName.parse(raw).display_shortest()
     except InvalidModelName:
         return raw
+
+
+_model_key = functools.lru_cache(maxsize=1024)(_parse_model_key)
 
 
 @dataclass

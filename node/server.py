@@ -142,11 +142,11 @@ async def serve(cfg: NodeConfig) -> None:
         raise SystemExit(f"omx: {e}") from None
     assert cluster.swim is not None
     app[SCHEDULER].start()
-    # one parseable line so launchers and tests know where we listen (port 0 picks a free one)
     # What startup made (torch's and transformers' modules among it: ~250k objects) lives as long as the node.
     # Frozen, the collector no longer walks it: a full collection took 175 ms, a stall for every request.
     gc.collect()
     gc.freeze()
+    # one parseable line so launchers and tests know where we listen (port 0 picks a free one)
     print(f"omx node listening on {api_url} gossip={cluster.swim.address} id={cluster.id} "
           f"region={cfg.region} role={cfg.role} data_dir={cfg.data_dir}", flush=True)
     await stop.wait()

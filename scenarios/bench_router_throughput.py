@@ -146,8 +146,8 @@ def main() -> int:
         }}
     }}"""), proxy_port)
         backend_url = f"http://127.0.0.1:{backend_port}"
-        plain = subprocess.Popen([sys.executable, __file__, "--serve-plain-aiohttp", backend_url, str(plain_port)])
         node = start_node(tmp / "node", "--no-demo", env={"OMX_LOG_LEVEL": "WARNING"})
+        plain = subprocess.Popen([sys.executable, __file__, "--serve-plain-aiohttp", backend_url, str(plain_port)])
         try:
             r = httpx.post(node.url + "/api/v1/proxy/instances", json={"url": backend_url}, timeout=10)
             r.raise_for_status()

@@ -388,9 +388,12 @@ def test_replace_a_dead_control_node_at_runtime(tmp_path: Path) -> None:
             n.stop(signal.SIGKILL)
 
 
-async def test_a_control_node_its_config_check_refuses_never_asks_for_a_raft_seat(tmp_path: Path) -> None:
+async def test_a_control_node_that_cannot_run_never_asks_for_a_raft_seat(tmp_path: Path) -> None:
     """The leader adds any control node that advertises "joining" as a voter. A node that then refuses to run
-    would stay a voter nobody can reach, and a 3-voter region would lose quorum at the next failure."""
+    (its config contradicts the cluster's, its Raft port is taken) would stay a voter nobody can reach, and a
+    3-voter region would lose quorum at the next failure."""
+    import socket
+
     from omx.models.store import Store
     from omx.node.cluster import Cluster, ClusterStartError
     from omx.node.config import NodeConfig
@@ -401,7 +404,7 @@ async def test_a_control_node_its_config_check_refuses_never_asks_for_a_raft_sea
 
     key = tmp_path / "cluster.key"
     generate_key_file(key)
-    gossip, raft, rogue_gossip, rogue_raft = free_ports(4)
+    gossip, raft, rogue_gossip, rogue_raft, busy_gossip = free_ports(5)
 
     def make(name: str, **kw: object) -> Cluster:
         cfg = NodeConfig(data_dir=tmp_path / name, role="control", cluster_key_file=key, **kw)
@@ -419,6 +422,13 @@ async def test_a_control_node_its_config_check_refuses_never_asks_for_a_raft_sea
         seen = first.swim.get(rogue.id) if first.swim else None
         assert seen is not None and seen.state == "alive"  # it did join gossip before its check
         assert (seen.meta or {}).get("raft") is None  # ... but never asked the leader for a seat
+        # a node configured right whose Raft port another process holds finds out before it joins at all
+        with socket.create_server(("127.0.0.1", 0)) as holder:
+            busy = make("busy", gossip_port=busy_gossip, raft_port=holder.getsockname()[1],
+                        join=[f"127.0.0.1:{gossip}"], raft_peers=[f"127.0.0.1:{raft}"])
+            with pytest.raises(ClusterStartError, match="cannot listen for Raft on"):
+                await busy.start("http://127.0.0.1:3")
+        assert first.swim is not None and first.swim.get(busy.id) is None
     finally:
         await rogue.stop()
         await first.stop()
