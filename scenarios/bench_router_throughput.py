@@ -12,7 +12,8 @@ wrk load (non-streamed `/api/generate` POSTs on keep-alive connections) is sent,
 All proxies run one worker process, so the figures are per core. A region with N routers scales
 with N (routers share nothing on the request path); the 10,000 req/s per region target is the product.
 
-Needs nginx and wrk on PATH (Debian: apt-get install nginx wrk). Prints medians over the rounds.
+Needs nginx and wrk on PATH (Debian: apt-get install nginx wrk). Prints medians over the rounds: req/s, and
+the p50 and p99 latency wrk measured.
 
     .venv/bin/python scenarios/bench_router_throughput.py [--seconds 8] [--rounds 3] [--connections 32]
 """
@@ -73,16 +74,19 @@ def start_nginx(conf: Path, port: int) -> subprocess.Popen[bytes]:
     return proc
 
 
-def wrk(url: str, seconds: int, connections: int, script: Path) -> tuple[float, float]:
-    """(requests/s, p50 latency ms) of one wrk run; non-2xx answers fail the run."""
+def _ms(out: str, pct: str) -> float:
+    m = re.search(rf"{pct}%\s+([\d.]+)(us|ms|s)", out)
+    return float(m.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[m.group(2)] if m else float("nan")
+
+
+def wrk(url: str, seconds: int, connections: int, script: Path) -> tuple[float, float, float]:
+    """(requests/s, p50 and p99 latency ms) of one wrk run; non-2xx answers fail the run."""
     out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(script), url],
                          capture_output=True, text=True, check=True).stdout
     if "Non-2xx" in out:
         raise RuntimeError(f"{url} answered errors:\n{out}")
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    m = re.search(r"50%\s+([\d.]+)(us|ms|s)", out)
-    p50 = float(m.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[m.group(2)] if m else float("nan")
-    return rps, p50
+    return rps, _ms(out, "50"), _ms(out, "99")
 
 
 def serve_plain_aiohttp(backend_url: str, port: int) -> None:
@@ -162,17 +166,18 @@ def main() -> int:
                                           timeout=5).status_code == 200, 30, what="the plain aiohttp proxy")
             for url in targets.values():  # warm up connections, caches and the node's holder index
                 wrk(url + "/api/generate", 1, args.connections, script)
-            results: dict[str, list[tuple[float, float]]] = {k: [] for k in targets}
+            results: dict[str, list[tuple[float, float, float]]] = {k: [] for k in targets}
             for _ in range(args.rounds):
                 for name, url in targets.items():
                     results[name].append(wrk(url + "/api/generate", args.seconds, args.connections, script))
             print(f"router throughput: non-streamed /api/generate, wrk 1 thread, {args.connections} connections, "
                   f"{args.seconds} s x {args.rounds} rounds, one worker process per server; "
                   f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
-            print(f"{'target':>20} {'req/s p50':>10} {'latency p50 ms':>15}")
-            med = {k: statistics.median(r for r, _ in v) for k, v in results.items()}
+            print(f"{'target':>20} {'req/s p50':>10} {'latency p50 ms':>15} {'latency p99 ms':>15}")
+            med = {k: statistics.median(r for r, _, _ in v) for k, v in results.items()}
             for name, vals in results.items():
-                print(f"{name:>20} {med[name]:>10.0f} {statistics.median(p for _, p in vals):>15.2f}")
+                print(f"{name:>20} {med[name]:>10.0f} {statistics.median(p for _, p, _ in vals):>15.2f} "
+                      f"{statistics.median(p for _, _, p in vals):>15.2f}")
             ratio = med["omx router"] / med["nginx proxy_pass"]
             print(f"omx router / nginx proxy_pass: {ratio:.2f}x; omx router / plain aiohttp proxy: "
                   f"{med['omx router'] / med['plain aiohttp proxy']:.2f}x; routers for 10,000 req/s at this rate: "
