@@ -11,7 +11,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from omx.protocols.swim import ALIVE, DEAD, LEFT, Codec, Member, SimNetwork, SwimConfig
-from omx.protocols.swim.codec import ACK, GOSSIP, PING, PUSH_PULL, SUSPECT, key_id, update_blob, update_size
+from omx.protocols.swim.codec import (
+    ACK,
+    GOSSIP,
+    NONCE_LEN,
+    PING,
+    PUSH_PULL,
+    SUSPECT,
+    TAG_LEN,
+    WIRE_VERSION,
+    key_id,
+    update_blob,
+    update_size,
+)
 from omx.protocols.swim.core import BroadcastQueue, remaining_suspicion, retransmit_limit, suspicion_timeout
 
 pytestmark = pytest.mark.timeout(60)
@@ -347,6 +359,15 @@ def test_unknown_fields_are_ignored_and_stale_timestamps_dropped():
     assert b.decode(_seal(body, counter=1)) == ("a", (ACK, 4, []))
     assert b.decode(_seal(body, counter=2, wall=1.0)) is None
     assert b.drops["stale"] == 1
+
+
+def test_codec_drops_keyed_packets_too_short_to_be_sealed():
+    """Hypothesis found it: a packet naming our key id but shorter than a nonce made AESGCM raise."""
+    b = Codec("b", KEY)
+    for kid in range(1, 256):
+        for n in (1, NONCE_LEN - 1, NONCE_LEN, NONCE_LEN + TAG_LEN - 1):
+            assert b.decode(bytes([WIRE_VERSION, kid]) + b"\x00" * n) is None
+    assert b.drops["garbage"] == 255 * 4
 
 
 @settings(max_examples=300, deadline=None)

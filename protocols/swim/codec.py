@@ -389,6 +389,8 @@ class Codec:
                 return self._drop("key")  # plaintext packet to an encrypted cluster
             plain = data[2:]
         else:
+            if len(data) < 2 + NONCE_LEN + TAG_LEN:
+                return self._drop("garbage")  # too short to be sealed (AESGCM raises on a short nonce)
             plain = None
             for k, aead in self._aeads:
                 if k != kid:
