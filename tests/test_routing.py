@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -246,6 +247,26 @@ def _load_duo_on_node1_only(cluster: list[NodeProc], observer: NodeProc) -> None
                and not loaded_per_gossip().get(n2.id), 30, what="duo to be loaded on node 1 only")
 
 
+def _stream(node: NodeProc, body: dict, each: Callable[[int], None]) -> list[dict]:
+    """A streamed generation's chunks, calling `each(n)` once the n-th has arrived (to fail a replica then)."""
+    received: list[dict] = []
+    with httpx.stream("POST", node.url + "/api/generate", json=body, timeout=120) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line:
+                received.append(json.loads(line))
+                each(len(received))
+    return received
+
+
+def _assert_whole(received: list[dict], ref: dict) -> None:
+    """The stream ended exactly as the uninterrupted greedy generation `ref` did."""
+    assert not any("error" in c for c in received), received[-1]
+    final = received[-1]
+    assert final["done"] and final["eval_count"] == GREEDY["num_predict"]
+    assert "".join(c.get("response", "") for c in received) == ref["response"]
+
+
 def test_a_replica_that_stalls_midstream_is_resumed_elsewhere(cluster: list[NodeProc], tmp_path: Path) -> None:
     """A replica that stops sending but keeps its connection open (a hung process, a frozen VM: SIGSTOP here)
     gets `route_stall_timeout` seconds, then the client's stream continues from another replica."""
@@ -263,25 +284,19 @@ def test_a_replica_that_stalls_midstream_is_resumed_elsewhere(cluster: list[Node
         wait_until(lambda: advertised([router], n1, "duo:latest") and advertised([router], n2, "duo:latest"), 30,
                    what="the new router to learn duo's holders")
         _load_duo_on_node1_only(cluster, router)
-        received: list[dict] = []
-        with httpx.stream("POST", router.url + "/api/generate", json=body, timeout=120) as r:
-            assert r.status_code == 200
-            for line in r.iter_lines():
-                if not line:
-                    continue
-                received.append(json.loads(line))
-                if len(received) == 10:
-                    os.kill(n1.proc.pid, signal.SIGSTOP)
-                    stopped_at = time.monotonic()
-                elif stopped_at is not None and time.monotonic() - stopped_at > 2.0:
-                    # (lines node 1 sent before it stopped may still arrive at once; these came after the stall
-                    # timer, from node 2)
-                    os.kill(n1.proc.pid, signal.SIGCONT)
-                    stopped_at = None
-        assert not any("error" in c for c in received), received[-1]
-        final = received[-1]
-        assert final["done"] and final["eval_count"] == GREEDY["num_predict"]
-        assert "".join(c.get("response", "") for c in received) == ref["response"]
+
+        def stall_node1(n: int) -> None:
+            nonlocal stopped_at
+            if n == 10:
+                os.kill(n1.proc.pid, signal.SIGSTOP)
+                stopped_at = time.monotonic()
+            elif stopped_at is not None and time.monotonic() - stopped_at > 2.0:
+                # (lines node 1 sent before it stopped may still arrive at once; these came after the stall
+                # timer, from node 2)
+                os.kill(n1.proc.pid, signal.SIGCONT)
+                stopped_at = None
+
+        _assert_whole(_stream(router, body, stall_node1), ref)
         metrics = httpx.get(router.url + "/api/v1/proxy/metrics", timeout=5).json()
         assert metrics["resumes_total"] >= 1
         events = httpx.get(router.url + "/api/v1/events/recent", timeout=5).json()["events"]
@@ -302,23 +317,16 @@ def test_midstream_kill_resumes_on_another_replica(cluster: list[NodeProc]) -> N
     assert ref["eval_count"] == GREEDY["num_predict"]
     _load_duo_on_node1_only(cluster, n3)
 
-    received: list[dict] = []
     killed = threading.Event()
-    with httpx.stream("POST", n3.url + "/api/generate", json=body, timeout=120) as r:
-        assert r.status_code == 200
-        for line in r.iter_lines():
-            if not line:
-                continue
-            received.append(json.loads(line))
-            if len(received) == 10 and not killed.is_set():
-                os.kill(n1.proc.pid, signal.SIGKILL)
-                killed.set()
+
+    def kill_node1(n: int) -> None:
+        if n == 10 and not killed.is_set():
+            os.kill(n1.proc.pid, signal.SIGKILL)
+            killed.set()
+
+    received = _stream(n3, body, kill_node1)
     assert killed.is_set()
-    assert not any("error" in c for c in received), received[-1]
-    final = received[-1]
-    assert final["done"] and final["eval_count"] == GREEDY["num_predict"]
-    text = "".join(c.get("response", "") for c in received)
-    assert text == ref["response"]
+    _assert_whole(received, ref)
     metrics = httpx.get(n3.url + "/api/v1/proxy/metrics", timeout=5).json()
     assert metrics["resumes_total"] >= 1
 
