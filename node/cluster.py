@@ -200,6 +200,7 @@ class Cluster:
         self._last_leader: str | None = None
         self._last_voters: set[str] | None = None
         self._add_refused: set[str] = set()  # raft addresses already reported as "can't add now"
+        self._voter_gone_since: dict[str, float] = {}  # leader's view: voter address -> first seen dead
         # Node id -> Raft address of our region's control nodes as gossip showed them: outlives SWIM reaping a
         # dead member (60 s on a LAN), so `omx node remove` can still drop the vote of a node gone long ago.
         self._raft_addrs: dict[str, str] = {}
@@ -281,6 +282,12 @@ class Cluster:
                                                                                    if isinstance(v, str)]))
         return sorted(out, key=lambda t: (t[0], t[1]), reverse=True)
 
+    def _voters_missing(self, voters: list[str]) -> bool:
+        """Whether a voter of `voters` is not alive in gossip (the leader may give its seat away)."""
+        assert self.swim is not None
+        living = {((m.meta or {}).get("raft") or {}).get("addr") for m in self.swim.members() if m.state == "alive"}
+        return self.cfg.replace_dead_voters_after > 0 and any(v not in living for v in voters)
+
     async def _await_voter_seat(self) -> list[str]:
         """Partners for a fresh voter: the region's voter set once it holds us (the leader adds us).
 
@@ -298,7 +305,7 @@ class Cluster:
                                         voters=voters)
                     return [v for v in voters if v != self.raft_addr]
             waited = time.monotonic() - start
-            if leader_sets and len(leader_sets[0]) >= MAX_VOTERS:
+            if leader_sets and len(leader_sets[0]) >= MAX_VOTERS and not self._voters_missing(leader_sets[0]):
                 raise ClusterStartError(
                     f"region {self.cfg.region!r} has {len(leader_sets[0])} Raft voters already, the most it takes; "
                     "start this node as --role worker (or remove a voter first: omx node remove ID)")
@@ -312,8 +319,10 @@ class Cluster:
                 raise ClusterStartError(
                     f"the Raft leader of region {self.cfg.region!r} did not add this node ({self.raft_addr}) as a "
                     f"voter within {VOTER_SEAT_TIMEOUT:.0f}s (voters: {current or 'unknown'}). The leader adds a "
-                    "control node only while enough current voters are up to commit the change without it: remove "
-                    "dead voters first (omx node remove ID)")
+                    "control node only while enough current voters are up to commit the change without it, and "
+                    "gives a dead voter's seat away only once it was dead for replace_dead_voters_after "
+                    f"({self.cfg.replace_dead_voters_after:.0f}s; 0 is never): remove dead voters first "
+                    "(omx node remove ID)")
             await asyncio.sleep(0.2)
 
     async def _gpu_loop(self) -> None:
@@ -557,11 +566,11 @@ class Cluster:
         self.events.publish(f"member.{ev.kind}", id=m.id, address=f"{m.host}:{m.port}",
                             region=meta.get("region"), incarnation=m.incarnation)
         if ev.kind == "dead" and meta.get("role") == "control":
-            # Never removed automatically (a partition looks the same): the operator decides, with `omx node remove`.
+            # It keeps its seat (a partition looks the same) until a control node asks for one: _reconcile_voters.
             raft = meta.get("raft") or {}
             log.warning("Raft voter %s (%s) of region %s is dead; the region keeps quorum only while a majority "
-                        "of its voters lives. If it is gone for good: omx node remove %s", m.id, raft.get("addr"),
-                        meta.get("region"), m.id)
+                        "of its voters lives. If it is gone for good, start a replacement control node or run "
+                        "omx node remove %s", m.id, raft.get("addr"), meta.get("region"), m.id)
             self.events.publish("raft.voter_down", id=m.id, region=meta.get("region"), raft_addr=raft.get("addr"))
 
     def _on_registry_change_threadsafe(self, loop: asyncio.AbstractEventLoop) -> Any:
@@ -606,9 +615,26 @@ class Cluster:
                          if m.state == "alive" and (m.meta or {}).get("region") == self.cfg.region
                          and (m.meta or {}).get("role") == "control")
         wanting = [(nid, addr) for nid, addr in wanting if isinstance(addr, str) and addr not in voters]
+        gone = self._dead_voters(st, voters)
         if not wanting:
             return
         nid, addr = wanting[0]
+        up = 1 + sum(1 for a, connected in st.get("partners", {}).items() if connected and a in voters)
+        need = (len(voters) + 1) // 2 + 1
+        if len(voters) >= MAX_VOTERS or up < need:
+            if gone:
+                await self._replace_dead_voter(gone[0], nid, addr)
+                return  # the next round adds the newcomer, against the smaller set
+            if self._voter_gone_since and addr not in self._add_refused:
+                self._add_refused.add(addr)
+                dead, since = min(self._voter_gone_since.items(), key=lambda kv: kv[1])
+                wait = self.cfg.replace_dead_voters_after - (time.monotonic() - since)
+                log.warning("%s (%s) waits for a Raft seat: voter %s is dead and gives up its seat in %.0f s",
+                            nid, addr, dead, max(0.0, wait))
+                self.events.publish("raft.voter_add_deferred", region=self.cfg.region, id=nid, raft_addr=addr,
+                                    reason="replacing a dead voter", dead_voter=dead, in_s=round(max(0.0, wait), 1))
+            if self._voter_gone_since:
+                return
         if len(voters) >= MAX_VOTERS:  # more voters only slow every write; the rest serve as non-voters
             if addr not in self._add_refused:
                 self._add_refused.add(addr)
@@ -617,8 +643,6 @@ class Cluster:
                 self.events.publish("raft.voter_add_deferred", region=self.cfg.region, id=nid, raft_addr=addr,
                                     voters=len(voters), reason="voter limit")
             return
-        up = 1 + sum(1 for a, connected in st.get("partners", {}).items() if connected and a in voters)
-        need = (len(voters) + 1) // 2 + 1
         if up < need:
             if addr not in self._add_refused:
                 self._add_refused.add(addr)
@@ -636,6 +660,44 @@ class Cluster:
             return
         log.info("added %s (%s) as a Raft voter of region %s; voters now %s", nid, addr, self.cfg.region,
                  ", ".join(now))
+
+    def _dead_voters(self, st: dict[str, Any], voters: set[str]) -> list[str]:
+        """Voters dead for `replace_dead_voters_after` s: unreachable over Raft and not alive or suspect in gossip.
+
+        Only the leader keeps the clock, from when it first saw each one so; a new leader starts afresh.
+        """
+        assert self.swim is not None
+        if self.cfg.replace_dead_voters_after <= 0:
+            return []
+        living = {((m.meta or {}).get("raft") or {}).get("addr") for m in self.swim.members()
+                  if m.state in ("alive", "suspect")}
+        partners = st.get("partners", {})
+        now = time.monotonic()
+        seen = {a for a in voters if a != self.raft_addr and not partners.get(a) and a not in living}
+        for a in list(self._voter_gone_since):
+            if a not in seen:
+                del self._voter_gone_since[a]
+        for a in seen:
+            self._voter_gone_since.setdefault(a, now)
+        return sorted(a for a in seen if now - self._voter_gone_since[a] >= self.cfg.replace_dead_voters_after)
+
+    async def _replace_dead_voter(self, dead: str, nid: str, addr: str) -> None:
+        """Give a dead voter's seat to a waiting control node: drop the dead one first (the set that is up can
+        always commit that), then the next round adds the newcomer. A partitioned voter that comes back later is
+        an alive control node without a seat, and is added like any other."""
+        assert self.registry is not None
+        gone_for = time.monotonic() - self._voter_gone_since[dead]
+        try:
+            now = await self.registry.remove_voter(dead, timeout=10.0)
+        except RegistryError as e:
+            log.warning("could not remove dead Raft voter %s to seat %s (%s): %s", dead, nid, addr, e)
+            return
+        self._voter_gone_since.pop(dead, None)
+        dead_id = next((i for i, a in self._raft_addrs.items() if a == dead), None)
+        log.warning("removed Raft voter %s (%s) of region %s, dead for %.0f s, to seat %s (%s); voters now %s",
+                    dead_id or "?", dead, self.cfg.region, gone_for, nid, addr, ", ".join(now))
+        self.events.publish("raft.dead_voter_replaced", region=self.cfg.region, raft_addr=dead, id=dead_id,
+                            dead_for_s=round(gone_for, 1), replacement=nid, replacement_raft_addr=addr)
 
     async def remove_voter(self, addr: str) -> dict[str, Any]:
         """Drop a Raft address from the region's voters, through the leader (forwarded when not us)."""

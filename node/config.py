@@ -65,6 +65,9 @@ class NodeConfig(BaseModel):
     gossip_profile: Literal["lan", "local"] = "lan"
     join_timeout: float = Field(30.0, ge=0, description="how long to keep retrying unreachable join seeds")
     suspicion_mult: int = Field(0, ge=0, le=100, description="SWIM suspicion multiplier; 0 keeps the profile's")
+    replace_dead_voters_after: float = Field(
+        30.0, ge=0, le=3600, description="seconds a Raft voter must be dead in gossip and unreachable over Raft "
+        "before the region leader gives its seat to a control node waiting for one; 0: never (omx node remove)")
     # routing and failover (node/router.py)
     routing_policy: Literal["affinity", "prefix"] = Field(
         "affinity", description="affinity: model affinity + power of two choices; prefix: also keep prompt prefixes "
@@ -172,6 +175,7 @@ _ENV = {
     "OMX_CLUSTER_KEY_FILE": "cluster_key_file",
     "OMX_SUSPICION_MULT": "suspicion_mult",
     "OMX_JOIN_TIMEOUT": "join_timeout",
+    "OMX_REPLACE_DEAD_VOTERS_AFTER": "replace_dead_voters_after",
     "OMX_ROUTING_POLICY": "routing_policy",
     "OMX_DISK_BUDGET": "disk_budget",
     "OMX_BANDWIDTH_LIMIT": "bandwidth_limit",

@@ -388,6 +388,66 @@ def test_replace_a_dead_control_node_at_runtime(tmp_path: Path) -> None:
             n.stop(signal.SIGKILL)
 
 
+def test_a_waiting_control_node_takes_a_dead_voters_seat_and_the_dead_one_can_come_back(tmp_path: Path) -> None:
+    """With one of 3 voters dead, a 4th seat can't commit (3 of 4 needed, 2 up): without help the replacement
+    times out. The leader drops a voter dead for replace_dead_voters_after, then seats the newcomer."""
+    from omx.node.launch import free_ports, spawn_node
+
+    env = {"OMX_LOG_LEVEL": "INFO", "OMX_REPLACE_DEAD_VOTERS_AFTER": "3"}
+    controls = start_cluster(tmp_path, 3, 1, "--no-demo", env=env)
+    nodes = list(controls)
+    try:
+        leader = agreed_leader(controls)
+        victim = next(n for n in controls if n is not leader)
+        survivors = [n for n in controls if n is not victim]
+        victim_addr = _raft(victim)["self"]
+        victim.proc.kill()
+        victim.proc.wait(10)
+
+        gossip_port, raft_port = free_ports(2)
+        fresh = spawn_node(tmp_path / "fresh", "--no-demo", "--region", "default", "--role", "control",
+                           "--cluster-key-file", str(tmp_path / "cluster.key"), "--raft-peers",
+                           _raft(leader)["self"], "--join", leader.gossip, env=env, gossip_port=gossip_port,
+                           raft_port=raft_port)
+        nodes.append(fresh)
+        fresh.wait_ready(120)
+        fresh_addr = f"127.0.0.1:{raft_port}"
+        three = sorted([*(_raft(n)["self"] for n in survivors), fresh_addr])
+        assert sorted(_events(fresh, "raft.voter_seat")[0]["voters"]) == three
+        group = [*survivors, fresh]
+        wait_until(lambda: all(sorted(_raft(n)["voters"]) == three for n in group), 30,
+                   what="every voter to list the newcomer instead of the dead one")
+        replaced = _events(leader, "raft.dead_voter_replaced")
+        assert len(replaced) == 1, replaced
+        assert replaced[0]["raft_addr"] == victim_addr and replaced[0]["id"] == victim.id
+        assert replaced[0]["replacement"] == fresh.id and replaced[0]["dead_for_s"] >= 3
+        # the newcomer really votes: with the other old voter gone, the leader still commits with its ack
+        other = next(n for n in survivors if n is not leader)
+        other_addr = _raft(other)["self"]
+        other.proc.kill()
+        other.proc.wait(10)
+        live = [leader, fresh]
+        wait_until(lambda: _cordon_somewhere(live, other.id), 30, what="a write committed by the leader and the "
+                   "newcomer")
+        # the removed voter comes back on its old data dir: an alive control node without a seat, which takes the
+        # seat of the voter that is dead now
+        back = victim.restart().wait_ready(120)
+        nodes.append(back)
+        again = sorted([_raft(leader)["self"], fresh_addr, victim_addr])
+        wait_until(lambda: all(sorted(_raft(n)["voters"]) == again for n in [*live, back]), 60,
+                   what="the returning node to be a voter again")
+        assert [e["raft_addr"] for e in _events(leader, "raft.dead_voter_replaced")] == [victim_addr, other_addr]
+
+        def back_has_it() -> bool:
+            return httpx.get(back.url + "/api/v1/registry", timeout=5).json()["state"]["nodes"] \
+                .get(other.id, {}).get("cordoned") is True
+
+        wait_until(back_has_it, 30, what="the returning voter's replica to catch up")
+    finally:
+        for n in nodes:
+            n.stop(signal.SIGKILL)
+
+
 async def test_a_control_node_that_cannot_run_never_asks_for_a_raft_seat(tmp_path: Path) -> None:
     """The leader adds any control node that advertises "joining" as a voter. A node that then refuses to run
     (its config contradicts the cluster's, its Raft port is taken) would stay a voter nobody can reach, and a

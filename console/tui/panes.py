@@ -224,8 +224,9 @@ class MetricsPane(Vertical):
 
 EVENT_STYLE = {"member.dead": "bold red", "member.suspect": "yellow", "member.joined": "green",
                "member.alive": "green", "member.left": "dim", "raft.leader": "bold magenta",
-               "raft.voter_down": "bold red", "console.": "bold cyan", "router.circuit_open": "bold red",
-               "router.": "blue", "scheduler.load_failed": "bold red", "scheduler.": "cyan"}
+               "raft.voter_down": "bold red", "raft.dead_voter_replaced": "bold yellow", "console.": "bold cyan",
+               "router.circuit_open": "bold red", "router.": "blue", "scheduler.load_failed": "bold red",
+               "scheduler.": "cyan"}
 MAX_EVENTS = 2000
 
 
