@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("OMX_LOG_LEVEL", "WARNING"), stream=sys.stderr,
                         format="%(asctime)s runner %(levelname)s %(message)s")
     # The protocol owns the original stdout; anything a library prints goes to stderr instead.
-    out = os.fdopen(os.dup(1), "wb", buffering=0)
+    out = os.fdopen(os.dup(1), "wb")  # buffered: a raw write may take only part of a large frame
     os.dup2(2, 1)
     inp = os.fdopen(os.dup(0), "rb", buffering=0)
     spec = json.loads(args.spec)

@@ -35,9 +35,24 @@ def _decode(body: bytes) -> dict[str, Any]:
     return obj
 
 
+def _read_exactly(stream: BinaryIO, n: int) -> bytes:
+    """Up to n bytes, fewer only at EOF: a raw pipe answers each read with whatever has arrived (64 KiB at a
+    time), so one read() of a 300 KB frame comes back short."""
+    first = stream.read(n)
+    if not first or len(first) == n:
+        return first or b""
+    buf = bytearray(first)
+    while len(buf) < n:
+        more = stream.read(n - len(buf))
+        if not more:
+            break
+        buf += more
+    return bytes(buf)
+
+
 def read_sync(stream: BinaryIO) -> dict[str, Any] | None:
     """Blocking read of one frame; None on a clean EOF."""
-    head = stream.read(_HEADER.size)
+    head = _read_exactly(stream, _HEADER.size)
     if not head:
         return None
     if len(head) < _HEADER.size:
@@ -45,7 +60,7 @@ def read_sync(stream: BinaryIO) -> dict[str, Any] | None:
     (n,) = _HEADER.unpack(head)
     if n > MAX_FRAME:
         raise FrameError(f"frame too large: {n} bytes")
-    body = stream.read(n)
+    body = _read_exactly(stream, n)
     if len(body) < n:
         raise FrameError("truncated frame body")
     return _decode(body)

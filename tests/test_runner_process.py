@@ -148,3 +148,37 @@ def test_lru_unload_and_keep_alive_zero(tmp_path: Path) -> None:
             assert entry["expires_at"] > "2030"
     finally:
         assert n.stop() == 0
+
+
+def test_a_frame_larger_than_the_pipe_arrives_whole() -> None:
+    """The runner reads frames from an unbuffered pipe, which hands out at most what has arrived (64 KiB)."""
+    from omx.protocols import frames
+
+    r, w = os.pipe()
+    big = {"t": "generate", "prompt": "x" * 600_000 + "é"}
+
+    def write() -> None:
+        with os.fdopen(w, "wb") as out:
+            out.write(frames.encode(big))
+            out.write(frames.encode({"t": "next"}))
+
+    t = threading.Thread(target=write)
+    t.start()
+    with os.fdopen(r, "rb", buffering=0) as inp:
+        assert frames.read_sync(inp) == big
+        assert frames.read_sync(inp) == {"t": "next"}
+        assert frames.read_sync(inp) is None
+    t.join(10)
+
+
+def test_a_prompt_of_a_megabyte_is_truncated_not_fatal(node) -> None:
+    """Ollama keeps the end of a prompt longer than the context; the runner (and its other requests) live on."""
+    with node.client(timeout=120) as c:
+        assert c.post("/api/generate", json={"model": "omx-tiny", "prompt": "", "keep_alive": -1}).status_code == 200
+        wait_until(lambda: runner_pids(node.proc.pid), 60, what="a runner process")
+        before = runner_pids(node.proc.pid)
+        r = c.post("/api/generate", json={"model": "omx-tiny", "prompt": "why " * 250_000, "stream": False,
+                                          "options": {"num_predict": 2}})
+        assert r.status_code == 200, r.text
+        assert 0 < r.json()["prompt_eval_count"] <= 4096
+        assert runner_pids(node.proc.pid) == before
