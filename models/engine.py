@@ -372,6 +372,8 @@ class Engine:
             count = 0
             for text in job.inputs:
                 ids = self.tok.encode(text, add_special_tokens=True)
+                if not ids:  # "" with no BOS to add: llama.cpp embeds its BOS; any one token gives a vector
+                    ids = [next((t for t in (self.tok.bos_token_id, self.tok.eos_token_id) if t is not None), 0)]
                 if len(ids) > job.num_ctx:
                     if not job.truncate:
                         job.emit({"id": job.id, "t": "error", "status": 400,

@@ -93,6 +93,8 @@ class RegistryClient:
                 r = await self.session.request(method, url, headers={**self.headers, **headers}, **kw)
             except (aiohttp.ClientError, TimeoutError, OSError) as e:
                 raise RegistryError(f"cannot reach the registry {self.base}: {e or type(e).__name__}") from None
+            except (UnicodeError, ValueError) as e:  # a host name IDNA refuses (a label over 63 characters, ...)
+                raise RegistryError(f"invalid registry address {self.base}: {e}", 400) from None
             if r.status == 401 and attempt == 0 and "WWW-Authenticate" in r.headers:
                 challenge = r.headers["WWW-Authenticate"]
                 r.release()

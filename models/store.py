@@ -70,6 +70,7 @@ TMP_PREFIX = ".omx-tmp-"
 UNSYNCED_DIR = "omx-unsynced"  # journal of blobs made visible before their data fsync finished
 DEFAULT_TEMPLATE = "{{ .Prompt }}"  # what Ollama uses for a model without a template layer
 _CHUNK = 4 << 20
+MAX_CONFIG_BYTES = 1 << 20  # a model's config blob is a few hundred bytes of JSON
 _STALE_FOREIGN_S = 24 * 3600  # a temp of another live pid is only reclaimed after this long
 _CACHE_MAX = 64
 
@@ -606,7 +607,7 @@ class Store:
         def kind_ok(p: Path) -> bool:
             try:
                 mode = p.lstat().st_mode
-            except (FileNotFoundError, NotADirectoryError):
+            except OSError:  # missing, or a name the file system cannot hold (ENAMETOOLONG): not here either way
                 return False
             return stat.S_ISDIR(mode) if want_dir else stat.S_ISREG(mode)
 
@@ -675,6 +676,12 @@ class Store:
                 for layer in (parsed.config, *parsed.layers):
                     if not self.has_blob(layer.digest):
                         raise BlobNotFound(layer.digest)
+            config = self.blob_path(parsed.config.digest)
+            if self.has_blob(parsed.config.digest):  # a config that does not parse would break every later use
+                if config.stat().st_size > MAX_CONFIG_BYTES:
+                    raise InvalidManifest(f"invalid config blob: {config.stat().st_size} bytes, more than a model "
+                                          f"config takes ({MAX_CONFIG_BYTES})")
+                ConfigV2.from_bytes(config.read_bytes())
             _, path = self._target(n)
             path.parent.mkdir(parents=True, exist_ok=True)
             _atomic_write(path, data)

@@ -15,9 +15,10 @@ from typing import Any
 
 from omx.models.constrain import FormatError, validate_format
 from omx.models.gotemplate import TemplateError
+from omx.models.manifest import InvalidManifest
 from omx.models.names import InvalidModelName, ModelName
 from omx.models.prompt import render_chat, render_generate
-from omx.models.store import ModelNotFound, ResolvedModel, Store
+from omx.models.store import BlobNotFound, ModelNotFound, ResolvedModel, Store
 from omx.node.runners import LoadSpec, RunnerManager
 from omx.protocols.api import (
     ApiError,
@@ -101,6 +102,8 @@ class Inference:
             return self.store.load(name)
         except ModelNotFound:
             raise ApiError(404, f"model '{raw}' not found") from None
+        except (InvalidManifest, BlobNotFound) as e:  # damaged on disk: say so, and how to repair it
+            raise ApiError(500, f"model '{raw}' cannot be used: {e}; pull or create it again") from None
 
     def load_spec(self, m: ResolvedModel) -> LoadSpec:
         kind, d, f = self.store.runner_files(m)

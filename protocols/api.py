@@ -44,15 +44,36 @@ def _json_kind(v: object) -> str:
     return "null"
 
 
+def _no_surrogates(v: Any) -> Any:
+    """Lone UTF-16 surrogates (`"\\ud800"`) become U+FFFD, as Go's decoder does: they cannot be encoded as
+    UTF-8, so they would fail wherever the text goes next (the runner pipe, the store, the response)."""
+    if isinstance(v, str):
+        return _SURROGATE.sub("\ufffd", v)
+    if isinstance(v, list):
+        return [_no_surrogates(x) for x in v]
+    if isinstance(v, dict):
+        return {_no_surrogates(k): _no_surrogates(x) for k, x in v.items()}
+    return v
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def load_json(body: bytes) -> Any:
     if not body or not body.strip():
         raise ApiError(400, "missing request body")
     try:
-        return json.loads(body)
+        data = json.loads(body)
+        # a surrogate can only arrive as a \u escape (UTF-8 cannot carry one); paired ones are decoded already
+        return _no_surrogates(data) if b"\\ud" in body or b"\\uD" in body else data
     except UnicodeDecodeError:
         raise ApiError(400, "invalid character in request body: not UTF-8") from None
     except json.JSONDecodeError as e:
         raise ApiError(400, f"invalid JSON: {e.msg} at offset {e.pos}") from None
+    except RecursionError:
+        raise ApiError(400, "invalid JSON: nested too deeply") from None
+    except ValueError:  # an integer literal longer than Python converts (4300 digits)
+        raise ApiError(400, "invalid JSON: a number has too many digits") from None
 
 
 class Req(BaseModel):
@@ -63,11 +84,14 @@ class Req(BaseModel):
 
     @classmethod
     def parse(cls, body: bytes) -> Any:
-        data = load_json(body)
+        return cls.from_data(load_json(body))
+
+    @classmethod
+    def from_data(cls, data: Any) -> Any:
         if not isinstance(data, dict):
             raise ApiError(400, f"json: cannot unmarshal {_json_kind(data)} into Go value of type api.{cls.go_name}")
         try:
-            return cls.model_validate(data)
+            return cls.model_validate(_drop_nulls(data))
         except ValidationError as e:
             err = e.errors()[0]
             loc = ".".join(str(p) for p in err["loc"] if not isinstance(p, int))
@@ -77,6 +101,17 @@ class Req(BaseModel):
             raise ApiError(
                 400, f"json: cannot unmarshal {got} into Go struct field {cls.go_name}.{loc} of type {gotype}"
             ) from None
+
+
+def _drop_nulls(data: dict[str, Any]) -> dict[str, Any]:
+    """Go's decoder leaves a field at its zero value when the JSON says null, so clients send `"content": null`
+    (assistant messages with tool calls) or `"prompt": null` and expect it to work; absent means the same here."""
+    out = {k: v for k, v in data.items() if v is not None}
+    msgs = out.get("messages")
+    if isinstance(msgs, list):
+        out["messages"] = [{k: v for k, v in m.items() if v is not None} if isinstance(m, dict) else
+                           {} if m is None else m for m in msgs]
+    return out
 
 
 def _go_type(ann: object) -> str:
@@ -195,7 +230,7 @@ class CreateRequest(Req):
         data = load_json(body)
         if isinstance(data, dict) and "from" in data:
             data["from_"] = data.pop("from")
-        return super().parse(json.dumps(data).encode())
+        return cls.from_data(data)
 
     @property
     def ref(self) -> str:
@@ -212,6 +247,7 @@ FLOAT_OPTIONS = {
     "top_p", "min_p", "typical_p", "temperature", "repeat_penalty", "presence_penalty", "frequency_penalty",
 }
 BOOL_OPTIONS = {"use_mmap", "numa", "low_vram", "f16_kv", "vocab_only", "use_mlock", "penalize_newline"}
+_I64 = 1 << 63
 
 
 def normalize_options(opts: dict[str, Any] | None) -> dict[str, Any]:
@@ -225,6 +261,8 @@ def normalize_options(opts: dict[str, Any] | None) -> dict[str, Any]:
                 raise ApiError(400, f"option {key!r} must be an integer, got {_json_kind(val)}")
             if val != int(val):
                 raise ApiError(400, f"option {key!r} must be an integer, got {val}")
+            if not -_I64 <= int(val) < _I64:  # Go's int
+                raise ApiError(400, f"option {key!r} is out of range: {int(val)}")
             out[key] = int(val)
         elif key in FLOAT_OPTIONS:
             if isinstance(val, bool) or not isinstance(val, int | float) or not math.isfinite(val):
