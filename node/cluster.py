@@ -71,7 +71,8 @@ def _remembered_port(path: Path, host: str) -> int:
 
 
 def _check_port_free(host: str, port: int) -> None:
-    """Fail before asking for a Raft seat: a voter that is seated and then cannot listen is a vote lost."""
+    """Fail before asking for a Raft seat (a voter that is seated and then cannot listen is a vote lost) and before
+    the Raft dir is claimed for this address."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as pysyncobj binds it
         try:
@@ -225,9 +226,10 @@ class Cluster:
             self.raft_addr = f"{host}:{raft_port}"
             # A fresh voter with somewhere to join learns the region's voter set (and its seat) from gossip first.
             joining = bool(seeds) and not (cfg.data_dir / "raft" / "raft.journal").exists()
-            if joining:
-                _check_port_free(cfg.host, raft_port)
-            else:
+            # One clear line, before a seat is asked for or the Raft dir records this address as its owner
+            # (a retry on another port would then be refused).
+            _check_port_free(cfg.host, raft_port)
+            if not joining:
                 await self._open_registry(list(cfg.raft_peers))
         await asyncio.to_thread(self._scan_store)
         await self._read_registry()

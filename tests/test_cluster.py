@@ -492,3 +492,13 @@ async def test_a_control_node_that_cannot_run_never_asks_for_a_raft_seat(tmp_pat
     finally:
         await rogue.stop()
         await first.stop()
+    # the first voter of a region, likewise: its Raft dir is not claimed for the busy address, so a retry on a
+    # free port works
+    with socket.create_server(("127.0.0.1", 0)) as holder:
+        alone = make("alone", gossip_port=0, raft_port=holder.getsockname()[1])
+        with pytest.raises(ClusterStartError, match="cannot listen for Raft on"):
+            await alone.start("http://127.0.0.1:4")
+    assert not (tmp_path / "alone" / "raft").exists()
+    retry = make("alone", gossip_port=0, raft_port=free_ports(1)[0])
+    await retry.start("http://127.0.0.1:4")
+    await retry.stop()
