@@ -145,13 +145,19 @@ class Runner:
         elif op == "generate":
             try:
                 prompt = msg.get("prompt", "")
+                vocab = len(self.tok)
+
+                def token_ids(v: object) -> bool:
+                    return isinstance(v, list) and all(
+                        isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in v)
+
                 if msg.get("context"):
+                    if not token_ids(msg["context"]):
+                        raise ValueError("context must be token ids of this model (from an earlier response of it)")
                     prompt = self.tok.decode(msg["context"], skip_special_tokens=False) + prompt
                 ids = self.tok.encode(prompt, add_special_tokens=not msg.get("raw", False))
                 resume_ids = msg.get("resume_ids") or []
-                vocab = len(self.tok)
-                if not isinstance(resume_ids, list) or not all(
-                        isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in resume_ids):
+                if not token_ids(resume_ids):
                     raise ValueError("resume_ids must be token ids of this model")
                 constraint = None
                 if msg.get("format") is not None:
