@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 import httpx
 import typer
@@ -30,7 +31,7 @@ from rich.table import Table
 
 from omx.console import cli_proxy as _cli_proxy
 from omx.console import cli_transfer as _cli_transfer
-from omx.protocols.hosts import parse_host
+from omx.protocols.hosts import HostError, parse_host
 from omx.protocols.modelfile import Modelfile, ModelfileError, parse_modelfile
 
 DEFAULT_HOST = "127.0.0.1:11434"
@@ -90,6 +91,15 @@ def _error_text(resp: httpx.Response) -> str:
     return f"HTTP {resp.status_code} {resp.reason_phrase}".strip()
 
 
+def segment(value: str, what: str = "node id") -> str:
+    """A user's value as one URL path segment: `../node/leave#` must never reach another route."""
+    if not value:
+        raise CliError(f"the {what} must not be empty")
+    if value in (".", ".."):
+        return value.replace(".", "%2E")  # quote() keeps dots, and httpx would resolve the segment away
+    return quote(value, safe="")
+
+
 class NodeClient:
     """Blocking client for one node; turns every transport and HTTP failure into a CliError."""
 
@@ -127,12 +137,30 @@ class NodeClient:
         except httpx.TransportError as e:
             raise self._transport_error(e) from None
 
-    def json(self, method: str, path: str, body: Any = None) -> Any:
+    def json(self, method: str, path: str, body: Any = None, rows: dict[str, type] | None = None) -> dict[str, Any]:
+        """The answer's JSON object; `rows` names fields that must hold a list (or object) of objects.
+
+        Every omx route answers an object: anything else means --host points at some other server, which
+        would otherwise surface as a traceback deep in a table renderer.
+        """
         resp = self.request(method, path, body)
         try:
-            return resp.json()
+            data = resp.json()
         except ValueError:
             raise CliError(f"the node at {self.url} answered {path} with non-JSON") from None
+        if not isinstance(data, dict):
+            raise self.odd_answer(path, f"a JSON {_json_kind(data)}, not an object")
+        for key, kind in (rows or {}).items():
+            value = data.get(key)
+            if value is None:
+                continue
+            items = value.values() if isinstance(value, dict) else value
+            if not isinstance(value, kind) or not all(isinstance(x, dict) for x in items):
+                raise self.odd_answer(path, f"{key!r} is not a {'list' if kind is list else 'map'} of objects")
+        return data
+
+    def odd_answer(self, path: str, what: str) -> CliError:
+        return CliError(f"{self.url} did not answer like an omx node: {path}: {what}")
 
     def stream(self, method: str, path: str, body: Any) -> Iterator[dict[str, Any]]:
         """NDJSON objects as they arrive; an `{"error": ...}` line (even mid-stream) raises."""
@@ -161,15 +189,46 @@ class NodeClient:
 
 # ---- formatting ----------------------------------------------------------------------------------
 
-def human_bytes(n: int | float) -> str:
-    """Ollama's format.HumanBytes: decimal units, whole numbers from 10 up ("1.2 GB", "15 MB")."""
-    n = int(n or 0)
+_JSON_KINDS = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number",
+               type(None): "null"}
+
+
+def _json_kind(value: object) -> str:
+    return _JSON_KINDS.get(type(value), type(value).__name__)
+
+
+def number(value: object) -> int | float | None:
+    """A finite JSON number from an answer, else None: a server that is not an omx node may send "abc",
+    or 1e400, which json reads as inf."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return None
+    return value
+
+
+def obj(value: object) -> dict[str, Any]:
+    """A nested object of an answer, or {} when it is something else (its fields then show as absent)."""
+    return value if isinstance(value, dict) else {}
+
+
+def names(value: object) -> str:
+    """A list of names from an answer as "a, b"; anything else as its text."""
+    if isinstance(value, list):
+        return ", ".join(str(x) for x in value)
+    return "" if value is None else str(value)
+
+
+def human_bytes(n: object) -> str:
+    """Ollama's format.HumanBytes: decimal units, whole numbers from 10 up ("1.2 GB", "15 MB"); "?" if no number."""
+    value = number(n if n is not None else 0)
+    if value is None or value < 0:
+        return "?"
+    n = int(value)
     for unit, scale in (("TB", 1000**4), ("GB", 1000**3), ("MB", 1000**2), ("KB", 1000)):
         if n >= scale:
-            value = n / scale
-            if value >= 10 or value == int(value):
-                return f"{int(value)} {unit}"
-            return f"{value:.1f} {unit}"
+            scaled = n / scale
+            if scaled >= 10 or scaled == int(scaled):
+                return f"{int(scaled)} {unit}"
+            return f"{scaled:.1f} {unit}"
     return f"{n} B"
 
 
@@ -410,7 +469,7 @@ class ProgressView:
         self.progress: Progress | None = None
         if self.live:
             self.progress = Progress(
-                TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), DownloadColumn(),
+                TextColumn("{task.description}", markup=False), BarColumn(), TaskProgressColumn(), DownloadColumn(),
                 console=self.console, transient=False,
             )
             self.progress.start()
@@ -420,7 +479,8 @@ class ProgressView:
             # a step without a size ("writing manifest", "success") is just a line
             if status != self.last and status not in self.tasks:
                 self._finish_bars()
-                self.console.print(status, markup=False, soft_wrap=True)
+                # names are data: "m:a" must not become an emoji, nor "[x]" markup
+                self.console.print(status, markup=False, emoji=False, soft_wrap=True)
             self.last = status
             return
         if status not in self.tasks:
@@ -450,9 +510,17 @@ def _looks_like_path(text: str) -> bool:
     return text.startswith((".", "/", "~")) or text.lower().endswith((".gguf", ".safetensors"))
 
 
+def expand_user(path: Path) -> Path:
+    """Path.expanduser, with `~nosuchuser` as a CliError instead of a RuntimeError."""
+    try:
+        return path.expanduser()
+    except RuntimeError:
+        raise CliError(f"{path}: cannot expand {path.parts[0]!r}: no such user") from None
+
+
 def _resolve_source(source: str, base: Path) -> Path | None:
     """A FROM/--from that exists on disk is a path (relative to the Modelfile's folder); else None."""
-    p = Path(source).expanduser()
+    p = expand_user(Path(source))
     if not p.is_absolute():
         p = base / p
     if p.exists():
@@ -503,7 +571,12 @@ def _root(
 def node_url(host: str | None = None) -> str:
     """The base URL from --host (command, then global), $OMX_HOST, or the default."""
     value = host or _globals.host or os.environ.get("OMX_HOST") or DEFAULT_HOST
-    return parse_host(value).url
+    try:
+        return parse_host(value).url
+    except HostError as e:
+        # the global --host and OMX_HOST arrive as one value (typer's envvar): name the likelier one
+        origin = "OMX_HOST" if not host and value == os.environ.get("OMX_HOST") else "--host"
+        raise CliError(f"{origin}: {e}") from None
 
 
 def _client(host: str | None) -> NodeClient:
@@ -513,7 +586,7 @@ def _client(host: str | None) -> NodeClient:
 @app.command("list")
 def list_cmd(host: HostOpt = None, as_json: JsonOpt = False) -> None:
     """List the models on the node."""
-    data = _client(host).json("GET", "/api/tags")
+    data = _client(host).json("GET", "/api/tags", rows={"models": list})
     if as_json:
         _print_json(data)
         return
@@ -522,7 +595,7 @@ def list_cmd(host: HostOpt = None, as_json: JsonOpt = False) -> None:
         table.add_row(
             str(m.get("name") or m.get("model") or ""),
             short_id(m.get("digest")),
-            human_bytes(m.get("size") or 0),
+            human_bytes(m.get("size")),
             human_time(parse_time(m.get("modified_at"))),
         )
     _print_table(table)
@@ -548,8 +621,8 @@ def _human_number(n: int) -> str:
 
 def render_show(info: dict[str, Any], verbose: bool = False) -> str:
     """The `ollama show` summary: model facts, capabilities, parameters, system, license."""
-    details = info.get("details") or {}
-    mi = info.get("model_info") or {}
+    details = obj(info.get("details"))
+    mi = obj(info.get("model_info"))
     arch = mi.get("general.architecture") or details.get("family") or ""
     params = details.get("parameter_size")
     if not params and isinstance(mi.get("general.parameter_count"), int):
@@ -563,8 +636,8 @@ def render_show(info: dict[str, Any], verbose: bool = False) -> str:
         ("quantization", details.get("quantization_level")),
     ]
     sections.append(("Model", [(k, str(v)) for k, v in rows if v not in (None, "")]))
-    if info.get("capabilities"):
-        sections.append(("Capabilities", [(str(c), "") for c in info["capabilities"]]))
+    if caps := info.get("capabilities"):
+        sections.append(("Capabilities", [(str(c), "") for c in (caps if isinstance(caps, list) else [caps])]))
     if info.get("parameters"):
         prows = []
         for line in str(info["parameters"]).splitlines():
@@ -625,21 +698,21 @@ def show(
 @app.command()
 def ps(host: HostOpt = None, as_json: JsonOpt = False) -> None:
     """List the models loaded in memory."""
-    data = _client(host).json("GET", "/api/ps")
+    data = _client(host).json("GET", "/api/ps", rows={"models": list})
     if as_json:
         _print_json(data)
         return
     table = _table("NAME", "ID", "SIZE", "PROCESSOR", "CONTEXT", "UNTIL")
     now = datetime.now(UTC)
     for m in data.get("models") or []:
-        size = int(m.get("size") or 0)
+        size, vram = number(m.get("size") or 0), number(m.get("size_vram") or 0)
         expires = parse_time(m.get("expires_at"))
         until = "Stopping..." if expires is not None and expires < now else human_time(expires, now=now)
         table.add_row(
             str(m.get("name") or m.get("model") or ""),
             short_id(m.get("digest")),
-            human_bytes(size),
-            processor_text(size, int(m.get("size_vram") or 0)),
+            human_bytes(m.get("size")),
+            "?" if size is None or vram is None else processor_text(int(size), int(vram)),
             str(m.get("context_length") or ""),
             until,
         )
@@ -697,9 +770,9 @@ def _format(value: str | None) -> Any:
 def _print_stats(final: dict[str, Any]) -> None:
     """`--verbose`: Ollama's timing summary, on stderr so the answer stays clean on stdout."""
     def secs(key: str) -> float:
-        return (final.get(key) or 0) / 1e9
+        return (number(final.get(key)) or 0) / 1e9
 
-    n_prompt, n_eval = final.get("prompt_eval_count") or 0, final.get("eval_count") or 0
+    n_prompt, n_eval = number(final.get("prompt_eval_count")) or 0, number(final.get("eval_count")) or 0
     lines = [f"total duration:       {secs('total_duration'):.3f}s",
              f"load duration:        {secs('load_duration'):.3f}s",
              f"prompt eval count:    {n_prompt} token(s)"]
@@ -737,7 +810,7 @@ def _stream_text(client: NodeClient, path: str, body: dict[str, Any], opts: RunO
     with contextlib.closing(client.stream("POST", path, body)) as chunks:
         try:
             for chunk in chunks:
-                text = pick(chunk)
+                text = str(pick(chunk))
                 parts.append(text)
                 writer.write(text)
                 if chunk.get("done"):
@@ -758,9 +831,21 @@ Use \"\"\" to begin a multi-line message.
 """
 
 
+def utf8_text(data: bytes | str) -> str:
+    """Prompt text as UTF-8, invalid bytes as U+FFFD: what `ollama run` sends (Go's json.Marshal replaces
+    them), so a prompt with one stray Latin-1 byte still runs rather than failing to encode."""
+    if isinstance(data, str):
+        data = data.encode("utf-8", "surrogateescape")
+    return data.decode("utf-8", "replace")
+
+
+def _input(prompt: str) -> str:
+    return utf8_text(input(prompt))
+
+
 def _read_message() -> str | None:
     """One user message from the terminal (None at end of input); `\"\"\"` starts a multi-line one."""
-    line = input(">>> ")
+    line = _input(">>> ")
     if not line.lstrip().startswith('"""'):
         return line
     text = line.lstrip()[3:]
@@ -768,7 +853,7 @@ def _read_message() -> str | None:
         return text[:-3]
     parts = [text]
     while True:
-        more = input("... ")
+        more = _input("... ")
         if more.rstrip().endswith('"""'):
             parts.append(more.rstrip()[:-3])
             return "\n".join(parts).strip("\n")
@@ -782,6 +867,8 @@ def chat_loop(client: NodeClient, opts: RunOptions) -> None:
         pass
     with contextlib.suppress(ImportError):
         import readline  # noqa: F401  (line editing and history for input())
+    with contextlib.suppress(AttributeError, ValueError):
+        sys.stdin.reconfigure(errors="surrogateescape")  # type: ignore[attr-defined]  # utf8_text repairs it
     messages: list[dict[str, str]] = []
     while True:
         try:
@@ -809,7 +896,7 @@ def chat_loop(client: NodeClient, opts: RunOptions) -> None:
         messages.append({"role": "user", "content": text})
         try:
             reply = _stream_text(client, "/api/chat", opts.body(messages=messages), opts,
-                                 lambda c: (c.get("message") or {}).get("content") or "")
+                                 lambda c: obj(c.get("message")).get("content") or "")
         except KeyboardInterrupt:
             messages.pop()
             print()
@@ -843,7 +930,7 @@ def run(
     piped = not sys.stdin.isatty()
     if piped:
         # As `ollama run`: piped input comes first, then the prompt words; nothing at all only loads.
-        data = sys.stdin.read()
+        data = utf8_text(sys.stdin.buffer.read())
         if data or not prompts:
             prompts.insert(0, data)
     if sys.stdout.isatty() and not nowordwrap and not piped:
@@ -879,6 +966,8 @@ def create(
     if file is not None:
         try:
             text = file.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise CliError(f"{file}: not a Modelfile: not UTF-8 text (byte {e.start})") from None
         except OSError as e:
             raise CliError(f"{file}: {e.strerror or e}") from None
         try:
@@ -919,7 +1008,7 @@ def create(
             body["files"] = digests
         for p in client.stream("POST", "/api/create", body):
             if p.get("status"):
-                view.update(str(p["status"]), p.get("total"), p.get("completed"))
+                view.update(str(p["status"]), number(p.get("total")), number(p.get("completed")))
     finally:
         view.close()
 
@@ -952,13 +1041,13 @@ def node_status(host: HostOpt = None, as_json: JsonOpt = False) -> None:
     if as_json:
         _print_json(st)
         return
-    raft = st.get("raft") or {}
+    raft = obj(st.get("raft"))
     rows = [
         ("id", st.get("id")), ("region", st.get("region")), ("role", st.get("role")),
         ("api", st.get("api_addr")), ("gossip", st.get("gossip_addr")),
         ("membership", f"{st.get('membership')} (incarnation {st.get('incarnation')}, "
                        f"local health {st.get('local_health')})"),
-        ("members", ", ".join(f"{k} {v}" for k, v in sorted((st.get("members") or {}).items()))),
+        ("members", ", ".join(f"{k} {v}" for k, v in sorted(obj(st.get("members")).items()))),
     ]
     if raft:
         rows += [("raft", f"{raft.get('raft_state')} at {raft.get('self')}"), ("leader", raft.get("leader") or "none"),
@@ -991,18 +1080,18 @@ def join_cmd(peers: Annotated[str, typer.Option("--peers", help="HOST:PORT[,...]
 @app.command("cluster")
 def cluster_cmd(host: HostOpt = None, as_json: JsonOpt = False) -> None:
     """Every member of the cluster as this node sees it: status, region, role, addresses, Raft role."""
-    data = _client(host).json("GET", "/api/v1/cluster")
+    data = _client(host).json("GET", "/api/v1/cluster", rows={"members": list})
     if as_json:
         _print_json(data)
         return
     table = _table("ID", "STATUS", "REGION", "ROLE", "RAFT", "API", "GOSSIP", "MODELS")
     for m in data.get("members") or []:
-        raft = m.get("raft") or {}
+        raft = obj(m.get("raft"))
         role = raft.get("state", "-") if raft else "-"
         flags = " cordoned" if m.get("cordoned") else ""
         table.add_row(str(m.get("id")) + (" *" if m.get("self") else ""), str(m.get("status")) + flags,
                       str(m.get("region")), str(m.get("role")), str(role), str(m.get("api_addr")),
-                      str(m.get("gossip_addr")), ", ".join(m.get("models") or []))
+                      str(m.get("gossip_addr")), names(m.get("models")))
     _print_table(table)
 
 
@@ -1024,7 +1113,7 @@ for _action, _help in (("cordon", "Stop placing work on a node."), ("uncordon", 
                        ("drain", "Cordon a node and move its work elsewhere.")):
     def _make(action: str) -> Callable[..., None]:
         def cmd(node_id: Annotated[str, typer.Argument(help="Node id.")], host: HostOpt = None) -> None:
-            _client(host).json("POST", f"/api/v1/nodes/{node_id}/{action}")
+            _client(host).json("POST", f"/api/v1/nodes/{segment(node_id)}/{action}")
             print(f"{action}ed {node_id}")
 
         return cmd
@@ -1040,9 +1129,9 @@ def node_remove(node_id: Annotated[str, typer.Argument(help="Node id.")], host: 
                 = None) -> None:
     """Remove a node from the region's registry (a control node also loses its Raft vote)."""
     query = {k: v for k, v in (("force", "true" if force else None), ("raft_addr", raft_addr)) if v}
-    res = _client(host).json("DELETE", f"/api/v1/nodes/{node_id}" + ("?" + urlencode(query) if query else ""))
-    voters = res.get("voters") if isinstance(res, dict) else None
-    print(f"removed {node_id}" + (f" and its Raft vote; voters now {', '.join(voters)}" if voters else ""))
+    res = _client(host).json("DELETE", f"/api/v1/nodes/{segment(node_id)}" + ("?" + urlencode(query) if query else ""))
+    voters = res.get("voters")
+    print(f"removed {node_id}" + (f" and its Raft vote; voters now {names(voters)}" if voters else ""))
 
 
 @app.command()
@@ -1072,8 +1161,18 @@ def version(host: HostOpt = None, as_json: JsonOpt = False) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: runs the app and turns every expected failure into one line and exit code 1."""
+    args = sys.argv[1:] if argv is None else argv
+    for arg in args:
+        try:
+            arg.encode("utf-8")
+        except UnicodeEncodeError:
+            # names, ids and prompts all go into JSON or URLs, which carry only UTF-8; a path could be opened,
+            # but one rule for every argument beats a traceback for most of them
+            shown = os.fsencode(arg).decode("ascii", "backslashreplace")
+            print(f"omx: argument '{shown}' is not valid UTF-8", file=sys.stderr)
+            sys.exit(1)
     try:
-        app(args=argv, prog_name="omx")
+        app(args=args, prog_name="omx")
     except CliError as e:
         sys.stdout.flush()
         # one line, whatever the server sent

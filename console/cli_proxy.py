@@ -7,6 +7,7 @@ scripts can pipe it to `jq`; without it, tables. `--watch` redraws in place unti
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -29,8 +30,8 @@ proxy_app = typer.Typer(help="The cluster's routing layer: status, instances, me
                         no_args_is_help=True)
 
 
-def _get(url: str | None, path: str) -> Any:
-    return cli._client(url).json("GET", path)
+def _get(url: str | None, path: str, rows: dict[str, type] | None = None) -> Any:
+    return cli._client(url).json("GET", path, rows=rows)
 
 
 def _num(v: Any, unit: str = "", digits: int = 1) -> str:
@@ -42,8 +43,8 @@ def _num(v: Any, unit: str = "", digits: int = 1) -> str:
 
 
 def status_table(st: dict[str, Any]) -> Table:
-    inst = st.get("instances") or {}
-    req = st.get("requests") or {}
+    inst = cli.obj(st.get("instances"))
+    req = cli.obj(st.get("requests"))
     t = cli._table("FIELD", "VALUE")
     for k, v in (("node", st.get("node")), ("region", st.get("region")), ("policy", st.get("policy")),
                  ("instances", f"{inst.get('healthy', 0)} healthy of {inst.get('total', 0)}"),
@@ -61,7 +62,7 @@ def instances_table(data: dict[str, Any]) -> Table:
         if i.get("kind") == "node":
             ident = ident[:12] + (" *" if i.get("self") else "")
         t.add_row(ident, str(i.get("kind")), str(i.get("status")), str(i.get("circuit")),
-                  str(i.get("region") or "-"), str(i.get("url") or "-"), ", ".join(i.get("loaded") or []) or "-",
+                  str(i.get("region") or "-"), str(i.get("url") or "-"), cli.names(i.get("loaded")) or "-",
                   f"{i.get('inflight', 0)}/{i.get('slots', 0)}", str(i.get("queue", 0)),
                   _num(i.get("latency_ms"), " ms", 0), _num(i.get("tokens_per_s")))
     return t
@@ -69,12 +70,12 @@ def instances_table(data: dict[str, Any]) -> Table:
 
 def metrics_table(m: dict[str, Any]) -> Table:
     t = cli._table("SCOPE", "REQUESTS", "ERRORS", "P50", "P99", "TOK/S")
-    lat = m.get("latency_ms") or {}
+    lat = cli.obj(m.get("latency_ms"))
     t.add_row(f"node {str(m.get('node'))[:12]} (routed)", str(m.get("requests_total", 0)),
               f"{m.get('retries_total', 0)} retries / {m.get('resumes_total', 0)} resumes",
               _num(lat.get("p50"), " ms", 0), _num(lat.get("p99"), " ms", 0), _num(m.get("tokens_per_s")))
     for tid, s in sorted((m.get("instances") or {}).items()):
-        sl = s.get("latency_ms") or {}
+        sl = cli.obj(s.get("latency_ms"))
         t.add_row(f"  -> {tid[:40]}", str(s.get("requests_total", 0)), str(s.get("errors_total", 0)),
                   _num(sl.get("p50"), " ms", 0), _num(sl.get("p99"), " ms", 0), _num(s.get("tokens_per_s")))
     return t
@@ -89,8 +90,8 @@ def _show(fetch: Callable[[], Any], render: Callable[[Any], Table], as_json: boo
         else:
             cli._print_table(render(data))
         return
-    if interval <= 0:
-        raise cli.CliError("--interval must be a positive number of seconds")
+    if not 0 < interval < math.inf:  # nan fails this too
+        raise cli.CliError("--interval must be a positive, finite number of seconds")
     if as_json:  # one JSON document per line: a stream a script can read
         while True:
             sys.stdout.write(json.dumps(fetch(), separators=(",", ":")) + "\n")
@@ -111,7 +112,7 @@ def status(api_url: ApiUrlOpt = None, as_json: JsonOpt = False) -> None:
 @proxy_app.command("instances")
 def instances(api_url: ApiUrlOpt = None, as_json: JsonOpt = False) -> None:
     """Every node and external instance requests can be routed to, with health and load."""
-    _show(lambda: _get(api_url, "/api/v1/proxy/instances"), instances_table, as_json, False, 1.0)
+    _show(lambda: _get(api_url, "/api/v1/proxy/instances", {"instances": list}), instances_table, as_json, False, 1.0)
 
 
 @proxy_app.command("metrics")
@@ -122,7 +123,7 @@ def metrics(
     interval: Annotated[float, typer.Option("--interval", help="Seconds between redraws with --watch.")] = 2.0,
 ) -> None:
     """Routing metrics of this node: requests, latency percentiles, tokens/s, per instance."""
-    _show(lambda: _get(api_url, "/api/v1/proxy/metrics"), metrics_table, as_json, watch, interval)
+    _show(lambda: _get(api_url, "/api/v1/proxy/metrics", {"instances": dict}), metrics_table, as_json, watch, interval)
 
 
 @proxy_app.command("add")
@@ -133,7 +134,8 @@ def add(url: Annotated[str, typer.Argument(help="Base URL of an Ollama-API serve
     if not res.get("added"):
         print(f"{res.get('url')} is registered already")
     elif res.get("healthy"):
-        print(f"added {res.get('url')}: healthy, {len(res.get('models') or [])} model(s)")
+        models = res.get("models")
+        print(f"added {res.get('url')}: healthy, {len(models) if isinstance(models, list) else '?'} model(s)")
     else:
         print(f"added {res.get('url')}: not answering yet ({res.get('error')}); it is checked every few seconds")
 
@@ -160,7 +162,7 @@ def scale(model: Annotated[str, typer.Argument(help="Model name.")],
             raise cli.CliError(f"--label takes KEY=VALUE, got {bad[0]!r}")
         body["labels"] = dict(x.split("=", 1) for x in pairs)
     res = cli._client(api_url).json("POST", "/api/v1/models/scale", body)
-    where = ", ".join(f"{k}={v}" for k, v in (res.get("labels") or {}).items())
+    where = ", ".join(f"{k}={v}" for k, v in cli.obj(res.get("labels")).items())
     print(f"{res.get('model')}: {res.get('replicas')} replica(s) desired" + (f" on nodes labelled {where}" if where
                                                                               else ""))
 

@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from omx.protocols.api import parse_go_duration
-from omx.protocols.hosts import parse_host
+from omx.protocols.hosts import HostError, parse_host
 
 
 class ConfigError(Exception):
@@ -29,7 +29,10 @@ def parse_bytes(text: str) -> int:
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
     if m is None or m.group(2).lower() not in _UNITS:
         raise ValueError(f"{text!r} is not a size such as 50GB or 512MiB")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    n = float(m.group(1)) * _UNITS[m.group(2).lower()]
+    if not n < 2**63:  # also inf: float() turns 400 digits into inf, which int() cannot take
+        raise ValueError("the size is too large (at most 9.2 EB)")
+    return int(n)
 
 
 def default_data_dir() -> Path:
@@ -37,7 +40,8 @@ def default_data_dir() -> Path:
 
 
 class NodeConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # no inf or nan in any float setting: keep_alive = nan would only fail when a model is loaded
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     host: str = Field("127.0.0.1", description="bind address")
     port: int = Field(11434, ge=0, le=65535)
@@ -107,7 +111,10 @@ class NodeConfig(BaseModel):
     @classmethod
     def _url_list(cls, v: Any) -> Any:
         if isinstance(v, str):
-            v = [x.strip() for x in v.split(",") if x.strip()]
+            urls = [x.strip() for x in v.split(",") if x.strip()]
+            if not urls:  # " , " is a typo; an empty list would silently mean the default registry
+                raise ValueError("names no registry URL")
+            v = urls
         return v
 
     @field_validator("registries")
@@ -137,8 +144,23 @@ class NodeConfig(BaseModel):
     @field_validator("device")
     @classmethod
     def _device(cls, v: str) -> str:
-        if v != "auto" and v != "cpu" and not v.startswith("cuda"):
+        if not re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", v):
             raise ValueError("must be auto, cpu, cuda or cuda:N")
+        return v
+
+    @field_validator("data_dir", "cluster_key_file", mode="before")
+    @classmethod
+    def _path(cls, v: Any) -> Any:
+        if isinstance(v, str | Path):
+            text = str(v)
+            if not text.strip():  # Path("") is the working directory: never what was meant
+                raise ValueError("must not be empty")
+            if "\0" in text:
+                raise ValueError("must not contain a NUL byte")
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError("must be valid UTF-8") from None
         return v
 
     @field_validator("dtype")
@@ -186,7 +208,9 @@ _ENV = {
 
 def _read_file(path: Path) -> dict[str, Any]:
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path}: not UTF-8 text (byte {e.start})") from None
     except OSError as e:
         raise ConfigError(f"config file {path}: {e.strerror}") from None
     try:
@@ -199,29 +223,41 @@ def _read_file(path: Path) -> dict[str, Any]:
     return data
 
 
+def flag_name(key: str) -> str:
+    """The `omx node start` flag that carries a setting in load_config's overrides."""
+    return "--no-demo" if key == "provision_demo" else "--" + key.replace("_", "-")
+
+
 def load_config(path: Path | None = None, overrides: dict[str, Any] | None = None) -> NodeConfig:
     data: dict[str, Any] = {}
-    source = "defaults"
+    origin: dict[str, str] = {}  # setting -> where its value came from, so an error names the culprit
     if path is not None:
         data.update(_read_file(path))
-        source = str(path)
+        origin.update(dict.fromkeys(data, str(path)))
     for env, key in _ENV.items():
         val = os.environ.get(env)
         if val is not None and val.strip() != "":
-            data[key] = val.strip().strip("\"'")
+            data[key], origin[key] = val.strip().strip("\"'"), env
     host_env = os.environ.get("OMX_HOST")
     if host_env and "host" not in (overrides or {}):
-        addr = parse_host(host_env)
+        try:
+            addr = parse_host(host_env)
+        except HostError as e:
+            raise ConfigError(f"invalid configuration (OMX_HOST): {e}") from None
         data["host"], data["port"] = addr.host, addr.port
+        origin["host"] = origin["port"] = "OMX_HOST"
     for k, v in (overrides or {}).items():
         if v is not None:
-            data[k] = v
+            data[k], origin[k] = v, flag_name(k)
     try:
         return NodeConfig.model_validate(data)
     except ValidationError as e:
-        lines = []
+        lines, sources = [], []
         for err in e.errors():
             key = ".".join(str(p) for p in err["loc"]) or "(root)"
             msg = "unknown setting" if err["type"] == "extra_forbidden" else err["msg"]
             lines.append(f"{key}: {msg} (got {err.get('input')!r})")
-        raise ConfigError(f"invalid configuration ({source}):\n  " + "\n  ".join(lines)) from None
+            src = origin.get(str(err["loc"][0]) if err["loc"] else "", "defaults")
+            if src not in sources:
+                sources.append(src)
+        raise ConfigError(f"invalid configuration ({', '.join(sources)}):\n  " + "\n  ".join(lines)) from None

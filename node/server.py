@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import gc
 import logging
 import os
@@ -130,7 +131,11 @@ async def serve(cfg: NodeConfig) -> None:
                            access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, cfg.host, cfg.port, reuse_address=True)
-    await site.start()
+    try:
+        await site.start()
+    except OSError as e:
+        await runner.cleanup()  # closes the router's client session: no "Unclosed client session" at exit
+        raise SystemExit(f"omx: cannot listen on {cfg.host}:{cfg.port}: {e.strerror or e}") from None
     port = runner.addresses[0][1] if runner.addresses else cfg.port
     api_url = f"http://{cfg.advertise_host}:{port}"
     cluster = app[CLUSTER]
@@ -167,9 +172,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", type=Path, help="TOML or JSON settings file")
     ap.add_argument("--host", help="bind address, OLLAMA_HOST forms (default 127.0.0.1:11434, env OMX_HOST)")
     ap.add_argument("--port", type=int)
-    ap.add_argument("--data-dir", type=Path, help="model store and state (default ~/.omx, env OMX_HOME)")
+    # a str, not a Path: Path("") would turn an empty value into the working directory before it is checked
+    ap.add_argument("--data-dir", help="model store and state (default ~/.omx, env OMX_HOME)")
     ap.add_argument("--no-demo", action="store_true", help="do not provision the demo model on an empty store")
-    ap.add_argument("--log-level", default=os.environ.get("OMX_LOG_LEVEL", "INFO"))
+    ap.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR or CRITICAL (default INFO, env OMX_LOG_LEVEL)")
     cl = ap.add_argument_group("cluster")
     cl.add_argument("--region", help="region name (default 'default', env OMX_REGION)")
     cl.add_argument("--role", choices=["control", "worker"], help="control nodes are the region's Raft voters")
@@ -180,12 +186,22 @@ def main(argv: list[str] | None = None) -> int:
     cl.add_argument("--raft-peers", help="HOST:PORT[,...] Raft addresses of the region's other voters")
     cl.add_argument("--gossip-profile", choices=["lan", "local"], help="protocol timings (local: one host)")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    level_text = args.log_level or os.environ.get("OMX_LOG_LEVEL") or "INFO"
+    level = logging.getLevelNamesMapping().get(level_text.strip().upper())
+    if level is None:
+        print(f"omx: {'--log-level' if args.log_level else 'OMX_LOG_LEVEL'} {level_text!r} is not a log level: "
+              "use DEBUG, INFO, WARNING, ERROR or CRITICAL", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     overrides: dict[str, object] = {"port": args.port, "data_dir": args.data_dir}
     if args.host:
-        from omx.protocols.hosts import parse_host
+        from omx.protocols.hosts import HostError, parse_host
 
-        addr = parse_host(args.host)
+        try:
+            addr = parse_host(args.host)
+        except HostError as e:
+            print(f"omx: --host: {e}", file=sys.stderr)
+            return 2
         overrides["host"] = addr.host
         if args.port is None and (":" in args.host.split("://")[-1] or "://" in args.host):
             overrides["port"] = addr.port
@@ -200,6 +216,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"omx: {e}", file=sys.stderr)
         return 2
     try:
+        # here, not at the first write deep in startup, so the error names the directory, not a listen failure
+        if cfg.data_dir.exists() and not cfg.data_dir.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+        cfg.data_dir.mkdir(parents=True, exist_ok=True)
+        if not os.access(cfg.data_dir, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+    except OSError as e:
+        print(f"omx: data_dir {cfg.data_dir}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    try:
         import uvloop
 
         uvloop.install()
@@ -207,8 +233,8 @@ def main(argv: list[str] | None = None) -> int:
         pass
     try:
         asyncio.run(serve(cfg))
-    except OSError as e:
-        print(f"omx: cannot listen on {cfg.host}:{cfg.port}: {e.strerror or e}", file=sys.stderr)
+    except OSError as e:  # listen failures are reported by serve(); this is anything else the OS refused
+        print(f"omx: {f'{e.filename}: ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
         return 1
     with contextlib.suppress(Exception):
         sys.stdout.flush()

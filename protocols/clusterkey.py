@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import base64
+import errno
 import os
 import secrets
 import stat
+import tempfile
 from pathlib import Path
 
 from cryptography.hazmat.primitives import hashes
@@ -19,17 +21,31 @@ class ClusterKeyError(Exception):
 
 
 def generate_key_file(path: Path) -> bytes:
+    """Write a new key; raises FileExistsError rather than replace one, and leaves no partial file behind."""
     key = secrets.token_bytes(KEY_BYTES)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(base64.b64encode(key).decode() + "\n")
+    if path.exists() or path.is_symlink():
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(path))
+    # Written whole to a temp file first, then linked into place: a failed write (disk full, a file size
+    # limit) must not leave an empty key that keygen then refuses to replace; link(), unlike rename(),
+    # never overwrites a key another keygen put there meanwhile.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(base64.b64encode(key).decode() + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.link(tmp, path)
+    finally:
+        os.unlink(tmp)
     return key
 
 
 def read_key_file(path: Path) -> bytes:
     try:
-        text = path.read_text().strip()
+        text = path.read_text(encoding="utf-8").strip()
+    except UnicodeDecodeError:
+        raise ClusterKeyError(f"cluster key file {path}: not base64 text") from None
     except FileNotFoundError:
         raise ClusterKeyError(
             f"cluster key file {path} does not exist (create one with `omx keygen {path}`)"

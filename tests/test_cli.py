@@ -11,8 +11,11 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -67,6 +70,11 @@ def free_port() -> int:
 ])
 def test_human_bytes(n, text):
     assert cli.human_bytes(n) == text
+
+
+@pytest.mark.parametrize("n", ["abc", float("inf"), float("nan"), [1], True, -5])
+def test_human_bytes_of_a_non_size_is_a_question_mark(n):
+    assert cli.human_bytes(n) == "?"
 
 
 def test_human_time():
@@ -445,7 +453,7 @@ def test_node_start_execs_the_node(tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "omx.console.cli", "node", "start", "--host", "127.0.0.1", "--port", "0",
-         "--data-dir", str(tmp_path), "--no-demo", "--log-level", "INFO"],
+         "--gossip-port", "0", "--raft-port", "0", "--data-dir", str(tmp_path), "--no-demo", "--log-level", "INFO"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
     )
     try:
@@ -465,3 +473,236 @@ def test_node_start_execs_the_node(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# ---- bad input: hostile arguments, files and servers ---------------------------------------------
+
+class FakeNode:
+    """A server that is not an omx node: canned answers by (method, path), and a record of every request."""
+
+    def __init__(self) -> None:
+        self.answers: dict[tuple[str, str], tuple[int, bytes]] = {}
+        self.seen: list[tuple[str, str, bytes]] = []
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _answer(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                fake.seen.append((self.command, self.path, body))
+                status, data = fake.answers.get((self.command, self.path.split("?")[0]),
+                                                (404, b'{"error": "not found"}'))
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+
+            do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = _answer
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.host = f"127.0.0.1:{self.server.server_address[1]}"
+
+    def answer(self, method: str, path: str, body: object, status: int = 200) -> None:
+        self.answers[(method, path)] = (status, body if isinstance(body, bytes) else json.dumps(body).encode())
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeNode]:
+    node = FakeNode()
+    thread = threading.Thread(target=node.server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield node
+    finally:
+        node.server.shutdown()
+        node.server.server_close()
+        thread.join(10)
+
+
+@pytest.mark.parametrize(("args", "method", "path"), [
+    (["node", "cordon", "../node/leave#"], "POST", "/api/v1/nodes/..%2Fnode%2Fleave%23/cordon"),
+    (["node", "uncordon", "a b?c=1"], "POST", "/api/v1/nodes/a%20b%3Fc%3D1/uncordon"),
+    (["node", "drain", ".."], "POST", "/api/v1/nodes/%2E%2E/drain"),
+    (["node", "remove", "../../api/delete"], "DELETE", "/api/v1/nodes/..%2F..%2Fapi%2Fdelete"),
+])
+def test_node_ids_stay_one_path_segment(fake, args, method, path):
+    fake.answer(method, path, {"id": "x"})
+    ok(omx(*args, host=fake.host))
+    assert [(m, p) for m, p, _ in fake.seen] == [(method, path)]
+
+
+def test_empty_node_id_is_refused(fake):
+    assert one_error_line(omx("node", "cordon", "", host=fake.host)) == "omx: the node id must not be empty"
+    assert fake.seen == []
+
+
+@pytest.mark.parametrize(("args", "env", "line"), [
+    (["--host", "http://[::1", "list"], None,
+     "omx: --host: 'http://[::1' is not an address: '[' without a closing ']'"),
+    (["--host", "[zz]:5", "list"], None, "omx: --host: '[zz]:5' is not an address: 'zz' is not an IPv6 address"),
+    (["list", "--host", "ftp://x"], None, "omx: --host: 'ftp://x' is not an address: the scheme must be http:// "
+                                          "or https://"),
+    (["list"], "::::", "omx: OMX_HOST: '::::' is not an address: '::::' is not an IPv6 address"),
+    (["ps"], "a b:1", "omx: OMX_HOST: 'a b:1' is not an address: 'a b' is not a host name or IP address"),
+])
+def test_bad_host_is_one_line(args, env, line):
+    assert one_error_line(omx(*args, host=env)) == line
+
+
+@pytest.mark.parametrize("args", [["show", "\udcff"], ["pull", "\udcff"], ["rm", "ok", "\udcff"],
+                                  ["run", "omx-tiny", "caf\udce9"], ["--host", "\udcff", "list"]])
+def test_arguments_that_are_not_utf8_are_refused(args):
+    line = one_error_line(omx(*args, host="127.0.0.1:1"))
+    assert line.startswith("omx: argument '") and line.endswith("' is not valid UTF-8")
+    assert "\\xff" in line or "\\xe9" in line
+
+
+def test_run_sends_non_utf8_stdin_with_replacement_characters(fake):
+    fake.answer("POST", "/api/generate", b'{"response": "ok", "done": true}\n')
+    res = subprocess.run([sys.executable, "-m", "omx.console.cli", "--host", fake.host, "run", "m"],
+                         input=b"caf\xe9 \xff\xfe!", capture_output=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == b"ok\n"
+    assert json.loads(fake.seen[0][2])["prompt"] == "caf\ufffd \ufffd\ufffd!"
+
+
+@pytest.mark.parametrize(("args", "path", "body", "problem"), [
+    (["list"], "/api/tags", [1, 2], "/api/tags: a JSON array, not an object"),
+    (["ps"], "/api/ps", "str", "/api/ps: a JSON string, not an object"),
+    (["node", "status"], "/api/v1/node/status", None, "/api/v1/node/status: a JSON null, not an object"),
+    (["cluster"], "/api/v1/cluster", [{}], "/api/v1/cluster: a JSON array, not an object"),
+    (["proxy", "status"], "/api/v1/proxy/status", [1], "/api/v1/proxy/status: a JSON array, not an object"),
+    (["proxy", "instances"], "/api/v1/proxy/instances", {"instances": [1]},
+     "/api/v1/proxy/instances: 'instances' is not a list of objects"),
+    (["proxy", "metrics"], "/api/v1/proxy/metrics", {"instances": {"a": 1}},
+     "/api/v1/proxy/metrics: 'instances' is not a map of objects"),
+    (["list"], "/api/tags", {"models": "abc"}, "/api/tags: 'models' is not a list of objects"),
+    (["ps", "--json"], "/api/ps", 7, "/api/ps: a JSON number, not an object"),
+])
+def test_a_server_that_is_not_an_omx_node_is_one_line(fake, args, path, body, problem):
+    fake.answer("GET", path, body)
+    line = one_error_line(omx(*args, host=fake.host))
+    assert line == f"omx: http://{fake.host} did not answer like an omx node: {problem}"
+
+
+def test_version_of_a_server_that_is_not_an_omx_node_warns(fake):
+    fake.answer("GET", "/api/version", [])
+    res = ok(omx("version", host=fake.host))
+    assert res.stdout.startswith("omx client version ")
+    assert res.stderr == f"omx: warning: http://{fake.host} did not answer like an omx node: /api/version: " \
+                         "a JSON array, not an object\n"
+
+
+def test_tables_show_wrong_typed_fields_as_question_marks(fake):
+    fake.answer("GET", "/api/tags", b'{"models": [{"name": "a", "size": "abc"}, {"name": "b", "size": 1e400}, '
+                                    b'{"name": "c", "size": 5000}]}')
+    rows = {ln.split()[0]: ln.split() for ln in ok(omx("list", host=fake.host)).stdout.splitlines()[1:]}
+    assert rows["a"][1] == "?" and rows["b"][1] == "?" and rows["c"][1:3] == ["5", "KB"]
+    fake.answer("GET", "/api/ps", {"models": [{"name": "a", "size": 100, "size_vram": "x"},
+                                              {"name": "b", "size": "q"}]})
+    rows = {ln.split()[0]: ln.split() for ln in ok(omx("ps", host=fake.host)).stdout.splitlines()[1:]}
+    assert rows["a"][1:4] == ["100", "B", "?"] and rows["b"][1:3] == ["?", "?"]
+    fake.answer("GET", "/api/v1/node/status", {"id": "n1", "raft": [1], "members": "x"})
+    assert "n1" in ok(omx("node", "status", host=fake.host)).stdout
+    fake.answer("GET", "/api/v1/proxy/instances", {"instances": [{"id": "i", "loaded": [1, None]}]})
+    assert "1, None" in ok(omx("proxy", "instances", host=fake.host)).stdout
+
+
+@pytest.mark.parametrize("interval", ["nan", "inf", "-inf", "0", "-1"])
+def test_watch_interval_must_be_finite_and_positive(interval):
+    line = one_error_line(omx("proxy", "metrics", "--watch", "--interval", interval, host="127.0.0.1:1"))
+    assert line == "omx: --interval must be a positive, finite number of seconds"
+
+
+@pytest.mark.parametrize("source", ["from", "modelfile"])
+def test_unknown_user_in_a_path_is_one_line(tmp_path, source):
+    if source == "from":
+        res = omx("create", "t1", "--from", "~nouserxyz/a.gguf", host="127.0.0.1:1")
+    else:
+        (tmp_path / "Modelfile").write_text("FROM ~nouserxyz/a.gguf\n")
+        res = omx("create", "t1", "-f", str(tmp_path / "Modelfile"), host="127.0.0.1:1")
+    assert one_error_line(res) == "omx: ~nouserxyz/a.gguf: cannot expand '~nouserxyz': no such user"
+
+
+def test_binary_modelfile_is_one_line(tmp_path):
+    (tmp_path / "Modelfile").write_bytes(b"FROM x\n\xff\xfe\x00binary")
+    line = one_error_line(omx("create", "t1", "-f", str(tmp_path / "Modelfile"), host="127.0.0.1:1"))
+    assert line == f"omx: {tmp_path / 'Modelfile'}: not a Modelfile: not UTF-8 text (byte 7)"
+
+
+def test_keygen_that_cannot_write_leaves_nothing_and_can_be_retried(tmp_path):
+    import resource
+
+    def no_file_growth() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))
+
+    key = tmp_path / "keys" / "cluster.key"
+    res = subprocess.run([sys.executable, "-m", "omx.console.cli", "keygen", str(key)], capture_output=True,
+                         text=True, timeout=60, preexec_fn=no_file_growth)
+    assert one_error_line(res) == f"omx: cannot write {key}: File too large"
+    assert list(key.parent.iterdir()) == []  # neither an empty key nor a temp file
+    assert ok(omx("keygen", str(key))).stdout == f"wrote a new cluster key to {key}\n"
+    assert len(key.read_text().strip()) == 44 and key.stat().st_mode & 0o777 == 0o600
+    line = one_error_line(omx("keygen", str(key)))
+    assert line == f"omx: {key} already exists; refusing to overwrite a cluster key"
+
+
+DIGEST = "sha256:" + "ab" * 32
+
+
+def _ollama_store(root: Path, manifests: dict[str, bytes]) -> Path:
+    (root / "blobs").mkdir(parents=True)
+    (root / "blobs" / DIGEST.replace(":", "-")).write_bytes(b"blob")
+    for tag, data in manifests.items():
+        path = root / "manifests" / "registry.ollama.ai" / "library" / "m" / tag
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    return root
+
+
+def test_import_skips_each_bad_model_and_fails(fake, tmp_path):
+    good = json.dumps({"layers": [{"digest": DIGEST, "size": 4}]}).encode()
+    root = _ollama_store(tmp_path / "ollama", {
+        "a-list": b"[]",
+        "b-layer": b'{"layers": [1]}',
+        "c-size": json.dumps({"layers": [{"digest": DIGEST, "size": "zz"}]}).encode(),
+        "d-digest": b'{"layers": [{"digest": "sha256:../../../etc/passwd", "size": 1}]}',
+        "e-text": b"not json",
+        "f-good": good,
+    })
+    fake.answer("HEAD", f"/api/blobs/{DIGEST}", b"")
+    fake.answer("PUT", "/api/v1/manifests", {})
+    res = omx("model", "import", "--from-ollama", str(root), host=fake.host)
+    name = "registry.ollama.ai/library/m:"
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
+    for tag, why in [("a-list", "the manifest is not a JSON object"),
+                     ("b-layer", "the manifest has a layer that is not an object: 1"),
+                     ("c-size", f'the manifest gives blob {DIGEST} the size "zz", not a byte count'),
+                     ("d-digest", "the manifest names a malformed digest 'sha256:../../../etc/passwd'"),
+                     ("e-text", "the manifest is not JSON")]:
+        assert f"skipping {name}{tag}: {why}\n" in res.stderr
+    assert "imported 1 of 6 model(s)" in res.stderr
+    assert res.stderr.splitlines()[-1] == (f"omx: 5 model(s) not imported: {name}a-list, {name}b-layer, "
+                                           f"{name}c-size, {name}d-digest, {name}e-text")
+    assert [p for m, p, _ in fake.seen if m == "PUT"] == [
+        "/api/v1/manifests?model=registry.ollama.ai%2Flibrary%2Fm%3Af-good"]
+
+
+def test_import_skips_a_name_the_node_refuses(fake, tmp_path):
+    good = json.dumps({"layers": [{"digest": DIGEST, "size": 4}]}).encode()
+    root = _ollama_store(tmp_path / "ollama", {"bad tag": good, "ok": good})
+    fake.answer("HEAD", f"/api/blobs/{DIGEST}", b"")
+    fake.answer("PUT", "/api/v1/manifests", {"error": "invalid model name"}, status=400)
+    res = omx("model", "import", "--from-ollama", str(root), host=fake.host)
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
+    assert "skipping registry.ollama.ai/library/m:bad tag: invalid model name" in res.stderr
+    assert "skipping registry.ollama.ai/library/m:ok: invalid model name" in res.stderr  # tried, not aborted
+    assert len([m for m, _, _ in fake.seen if m == "PUT"]) == 2
+
+
+def test_import_from_an_unknown_users_home_is_one_line():
+    line = one_error_line(omx("model", "import", "--from-ollama", "~nouserxyz", host="127.0.0.1:1"))
+    assert line == "omx: ~nouserxyz: cannot expand '~nouserxyz': no such user"
