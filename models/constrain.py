@@ -13,7 +13,9 @@ import os
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
+from urllib.parse import unquote
 
 import llguidance
 import llguidance.hf
@@ -104,6 +106,195 @@ def _grammar_for(key: str, whitespace_pattern: str | None, lenient: bool) -> str
         raise FormatError(f"invalid JSON schema in format: {_clean(str(e))}") from None
 
 
+# the keywords through which llguidance's grammar reaches a sub-schema (it ignores "not", "if", unused $defs)
+_ONE_SUB = ("additionalProperties", "additionalItems", "items")
+_LIST_SUB = ("items", "prefixItems", "allOf", "anyOf", "oneOf")
+_MAP_SUB = ("properties", "patternProperties")
+_COMBINATORS = ("$ref", "allOf", "anyOf", "oneOf")
+# keywords that make a `$ref` mean something other than a JSON pointer into the whole document
+_REF_BASES = ("$id", "$anchor", "$dynamicRef", "$dynamicAnchor", "$recursiveRef", "$recursiveAnchor")
+# llguidance compiles a schema recursively, one native stack frame set per sub-schema on a path: a chain of
+# ~2000 `$ref`s overflows the 8 MiB stack and kills the whole process (a segfault, not an exception).
+MAX_SCHEMA_DEPTH = 256  # sub-schemas on the longest path through nesting and local `$ref`s
+MAX_OPAQUE_OBJECTS = 512  # objects in a schema whose `$ref`s we do not resolve: bounds any path there
+MAX_SCHEMA_OBJECTS = 10_000  # bounds the time a check takes (tens of us an object); OpenAI allows 5000 properties
+
+
+def _resolve_ref(root: dict[str, Any], ref: object) -> object:
+    """The sub-schema a local ``$ref`` ("#", "#/$defs/x") points at; None when it points at nothing."""
+    if not isinstance(ref, str) or not ref.startswith("#"):
+        return None
+    pointer = unquote(ref[1:])
+    if not pointer.startswith("/"):
+        return root if not pointer else None
+    node: object = root
+    for token in pointer[1:].split("/"):
+        token = token.replace("~1", "/").replace("~0", "~")
+        if isinstance(node, dict) and token in node:
+            node = node[token]
+        elif isinstance(node, list) and token.isdigit() and int(token) < len(node):
+            node = node[int(token)]
+        else:
+            return None
+    return node
+
+
+def _scan_schema(root: dict[str, Any]) -> tuple[bool, int]:
+    """(every `$ref` is a JSON pointer into this document, how many objects the document holds, counted up
+    to just past MAX_SCHEMA_OBJECTS)."""
+    local, objects = True, 0
+    stack: list[object] = [root]
+    while stack and objects <= MAX_SCHEMA_OBJECTS:
+        node = stack.pop()
+        if isinstance(node, dict):
+            objects += 1
+            ref = node.get("$ref", "#")
+            if (any(k in node for k in _REF_BASES) or not isinstance(ref, str)
+                    or not (ref == "#" or ref.startswith("#/"))):
+                local = False
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return local, objects
+
+
+@dataclass
+class _SchemaGraph:
+    """The sub-schemas llguidance compiles (by id()), where each sits, and the edges between them."""
+
+    where: dict[int, str]  # JSON pointer of each, in discovery order
+    children: dict[int, list[int]]  # nested sub-schemas and `$ref` targets
+    needs: dict[int, list[list[object]]]  # `$ref`/allOf/anyOf/oneOf nodes: groups, each needing a member that
+                                          # can produce a value
+
+
+def _schema_graph(root: dict[str, Any]) -> _SchemaGraph:
+    """Walk root as llguidance compiles it (iteratively: the point is to find paths too deep to recurse)."""
+    g = _SchemaGraph({}, {}, {})
+    stack: list[tuple[object, str]] = [(root, "#")]
+    while stack:
+        node, at = stack.pop()
+        if not isinstance(node, dict) or id(node) in g.where:
+            continue
+        g.where[id(node)] = at
+        subs: list[tuple[object, str]] = [(node[k], f"{at}/{k}") for k in _ONE_SUB if k in node]
+        for k in _LIST_SUB:
+            if isinstance(node.get(k), list):
+                subs += [(v, f"{at}/{k}/{i}") for i, v in enumerate(node[k])]
+        for k in _MAP_SUB:
+            if isinstance(node.get(k), dict):
+                subs += [(v, f"{at}/{k}/{name.replace('~', '~0').replace('/', '~1')}") for name, v in node[k].items()]
+        need: list[list[object]] = []
+        if "$ref" in node:
+            target = _resolve_ref(root, node["$ref"])
+            if isinstance(target, dict | bool):
+                need.append([target])
+                subs.append((target, str(node["$ref"])))
+        if isinstance(node.get("allOf"), list):
+            need += [[v] for v in node["allOf"]]
+        need += [node[k] for k in ("anyOf", "oneOf") if isinstance(node.get(k), list)]
+        if any(k in node for k in _COMBINATORS):
+            g.needs[id(node)] = need
+        g.children[id(node)] = [id(v) for v, _ in subs if isinstance(v, dict)]
+        stack.extend(reversed(subs))
+    return g
+
+
+def _endless_ref(g: _SchemaGraph) -> str | None:
+    """Where the schema holds a ``$ref`` loop no value can end (``{"$ref": "#"}``), or None.
+
+    llguidance compiles such a loop, then finds no token to allow once decoding reaches it, so the request
+    would fail mid-generation. A sub-schema can produce a value unless it is made only of ``$ref``/``allOf``/
+    ``anyOf``/``oneOf`` whose every way out leads back into the loop: a least fixed point, linear in the schema.
+    """
+    producing = {i for i in g.where if i not in g.needs}
+    missing: dict[int, int] = {}
+    watchers: dict[int, list[tuple[int, int]]] = {}
+    done: set[tuple[int, int]] = set()
+    for n, need in g.needs.items():
+        missing[n] = 0
+        for k, members in enumerate(need):
+            if True in members or any(id(m) in producing for m in members if isinstance(m, dict)):
+                done.add((n, k))
+                continue
+            missing[n] += 1
+            for m in members:
+                if isinstance(m, dict):
+                    watchers.setdefault(id(m), []).append((n, k))
+        if missing[n] == 0:
+            producing.add(n)
+    queue = list(producing)
+    while queue:
+        for n, k in watchers.get(queue.pop(), ()):
+            if (n, k) not in done:
+                done.add((n, k))
+                missing[n] -= 1
+                if missing[n] == 0 and n not in producing:
+                    producing.add(n)
+                    queue.append(n)
+    return next((at for i, at in g.where.items() if i not in producing), None)
+
+
+def _longest_path(children: dict[int, list[int]], root: int) -> int:
+    """Sub-schemas on the longest path from root, a `$ref` loop counting all its members: a bound on how deep
+    llguidance recurses. Iterative Tarjan; each loop's length is known once it is closed (sinks first)."""
+    index: dict[int, int] = {}
+    low: dict[int, int] = {}
+    stack: list[int] = []
+    on_stack: set[int] = set()
+    comp: dict[int, int] = {}
+    comp_len: list[int] = []
+    work: list[tuple[int, int]] = [(root, 0)]
+    while work:
+        v, i = work.pop()
+        kids = children[v]
+        if i == 0:
+            index[v] = low[v] = len(index)
+            stack.append(v)
+            on_stack.add(v)
+        else:  # back from the child kids[i - 1]
+            low[v] = min(low[v], low[kids[i - 1]])
+        while i < len(kids):
+            w = kids[i]
+            i += 1
+            if w not in index:
+                work += [(v, i), (w, 0)]
+                break
+            if w in on_stack:
+                low[v] = min(low[v], index[w])
+        else:
+            if low[v] == index[v]:
+                members: list[int] = []
+                while not members or members[-1] != v:
+                    members.append(stack.pop())
+                    on_stack.discard(members[-1])
+                c = len(comp_len)
+                for m in members:
+                    comp[m] = c
+                below = max((comp_len[comp[k]] for m in members for k in children[m] if comp[k] != c), default=0)
+                comp_len.append(len(members) + below)
+    return comp_len[comp[root]]
+
+
+def _schema_error(schema: dict[str, Any], key: str) -> str:
+    """Why llguidance cannot use this schema, "" when it can (compiled tokenizer-free, once per schema)."""
+    local, objects = _scan_schema(schema)
+    if objects > MAX_SCHEMA_OBJECTS:
+        return f"too large: more than {MAX_SCHEMA_OBJECTS} objects"
+    graph = _schema_graph(schema) if local else None
+    if graph is None and objects > MAX_OPAQUE_OBJECTS:
+        return (f"more than {MAX_OPAQUE_OBJECTS} objects in a schema with $id, $anchor or non-local $ref "
+                f"(limit for such schemas)")
+    if graph is not None and _longest_path(graph.children, id(schema)) > MAX_SCHEMA_DEPTH:
+        return f"nested too deeply: more than {MAX_SCHEMA_DEPTH} levels of sub-schemas through $ref"
+    grammar = _grammar_for(key, JSON_WHITESPACE, True)
+    is_error, msgs = LLMatcher.validate_grammar_with_warnings(grammar, None, limits=_LIMITS)
+    if is_error:
+        return _clean("; ".join(msgs))  # warnings (e.g. ignored keywords) are fine
+    loop = _endless_ref(graph) if graph is not None else None
+    return f"{_go_quote(loop)} refers back to itself and no value can match it" if loop is not None else ""
+
+
 _validated: OrderedDict[str, str] = OrderedDict()  # schema key -> "" or error text
 _validated_lock = threading.Lock()
 
@@ -128,9 +319,7 @@ def validate_format(fmt: object) -> Literal["json"] | dict[str, Any] | None:
         if err is not None:
             _validated.move_to_end(key)
     if err is None:
-        grammar = _grammar_for(key, JSON_WHITESPACE, True)
-        is_error, msgs = LLMatcher.validate_grammar_with_warnings(grammar, None, limits=_LIMITS)
-        err = _clean("; ".join(msgs)) if is_error else ""  # warnings (e.g. ignored keywords) are fine
+        err = _schema_error(fmt, key)
         with _validated_lock:
             _validated[key] = err
             while len(_validated) > 256:

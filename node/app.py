@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import ipaddress
 import json
@@ -13,6 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import ContentEncodingError, HttpProcessingError
 
 from omx.models.names import InvalidModelName, ModelName, parse_digest
 from omx.models.store import DigestMismatch, ModelNotFound, Store
@@ -74,7 +76,11 @@ async def errors_mw(request: web.Request, handler: Handler) -> web.StreamRespons
             resp.headers["Retry-After"] = "1"  # busy or no replica now: a client may retry shortly
         return resp
     except web.HTTPRequestEntityTooLarge:
-        return error_response(413, f"request body too large (limit {request.app[CONFIG].max_body_bytes} bytes)")
+        return error_response(413, too_large_message(request))
+    except web.RequestPayloadError as e:
+        resp = error_response(400, payload_error_message(request, e))
+        resp.force_close()
+        return resp
     except web.HTTPNotFound:
         return web.Response(status=404, text="404 page not found")
     except web.HTTPMethodNotAllowed:
@@ -86,6 +92,39 @@ async def errors_mw(request: web.Request, handler: Handler) -> web.StreamRespons
     except Exception as e:
         log.exception("unhandled error on %s %s", request.method, request.path)
         return error_response(500, f"internal error: {type(e).__name__}")
+
+
+def too_large_message(request: web.Request) -> str:
+    return f"request body too large (limit {request.app[CONFIG].max_body_bytes} bytes)"
+
+
+def payload_error_message(request: web.Request, e: web.RequestPayloadError) -> str:
+    """What was wrong with a body aiohttp could not read (bad gzip/deflate data, broken chunking): a 400.
+
+    The rest of that body cannot be framed, so the caller closes the connection; marking the stream finished
+    stops aiohttp from reading the broken body again after the answer (and logging that as unhandled).
+    """
+    request.content.feed_eof()
+    cause = e.__cause__
+    if isinstance(cause, ContentEncodingError):
+        encoding = request.headers.get("Content-Encoding", "").strip()
+        return f"request body is not valid {encoding} data (Content-Encoding: {encoding})"
+    if isinstance(cause, HttpProcessingError) and cause.message:
+        return f"invalid request body: {cause.message}"
+    return "invalid request body"
+
+
+NAME_MAX = 255  # bytes in one path component on Linux file systems: each part of a name is one
+
+
+def name_too_long(e: OSError) -> bool:
+    """A model name whose parts the file system cannot hold (ENAMETOOLONG): no such model is stored."""
+    return e.errno == errno.ENAMETOOLONG
+
+
+def storable(name: ModelName) -> bool:
+    """Whether the store can hold a model of this name (a valid name's host may be longer than a file name)."""
+    return all(len(part.encode()) <= NAME_MAX for part in name.parts())
 
 
 @functools.lru_cache(maxsize=256)  # parsing an address costs more than the rest of a routed request's checks
@@ -218,6 +257,10 @@ def has_model(request: web.Request, raw: str | None, routing: bool = False) -> b
         return bool(raw) and request.app[STORE].exists(raw or "")
     except (InvalidModelName, ValueError):
         return False
+    except OSError as e:
+        if name_too_long(e):
+            return False
+        raise
 
 
 def _generate_text(c: dict[str, Any]) -> str:
@@ -429,6 +472,8 @@ async def api_copy(request: web.Request) -> web.Response:
         dst = ModelName.parse(req.destination)
     except InvalidModelName:
         raise ApiError(400, f'destination "{req.destination}" is invalid') from None
+    if not storable(dst):
+        raise ApiError(400, f'destination "{req.destination}" is invalid')
     local_ok = False
     if has_model(request, req.source):
         try:
@@ -463,6 +508,9 @@ async def api_delete(request: web.Request) -> web.Response:
         local_ok = True
     except ModelNotFound:
         pass
+    except OSError as e:
+        if not name_too_long(e):
+            raise
     remote_ok, errors = await _on_holders(request, ref, "DELETE", "/api/delete", json.loads(raw))
     if not local_ok and not remote_ok:
         if errors:
@@ -514,6 +562,12 @@ async def api_create(request: web.Request) -> web.StreamResponse:
     from omx.node import create as create_mod
 
     req = CreateRequest.parse(await request.read())
+    try:
+        unstorable = not storable(ModelName.parse(req.ref))
+    except InvalidModelName:
+        unstorable = False  # create's own checks answer a name that does not parse
+    if unstorable:
+        raise ApiError(400, "invalid model name")  # create's words for a name it cannot parse
     gen = create_mod.create(request.app[STORE], req)
     return await respond_progress(request, _then(gen, request.app[ROUTER].cluster.store_changed),
                                   req.stream is not False)

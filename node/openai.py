@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
+import logging
 import random
 import struct
 import time
@@ -23,12 +25,16 @@ from omx.node.app import (
     json_response,
     merge_chat,
     merge_generate,
+    payload_error_message,
     route_chat,
     route_generate,
+    too_large_message,
 )
 from omx.node.metrics import MODEL_KEY
 from omx.node.router import ROUTER, model_key
 from omx.protocols.api import ApiError, ChatRequest, GenerateRequest, load_json
+
+log = logging.getLogger("omx.node")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -43,11 +49,27 @@ def openai_error(status: int, message: str) -> web.Response:
 
 
 def openai_route(fn: Handler) -> Handler:
+    """Every failure in OpenAI's error shape (clients parse `error.message`), as errors_mw does for the native one."""
+
     async def wrapped(request: web.Request) -> web.StreamResponse:
         try:
             return await fn(request)
         except ApiError as e:
-            return openai_error(e.status, e.message)
+            resp = openai_error(e.status, e.message)
+            if e.status == 503:
+                resp.headers["Retry-After"] = "1"
+            return resp
+        except web.HTTPRequestEntityTooLarge:
+            return openai_error(413, too_large_message(request))
+        except web.RequestPayloadError as e:
+            resp = openai_error(400, payload_error_message(request, e))
+            resp.force_close()
+            return resp
+        except (web.HTTPException, asyncio.CancelledError, ConnectionResetError):
+            raise
+        except Exception as e:
+            log.exception("unhandled error on %s %s", request.method, request.path)
+            return openai_error(500, f"internal error: {type(e).__name__}")
 
     return wrapped
 
@@ -109,7 +131,10 @@ def _format(data: dict[str, Any]) -> Any:
     if kind == "json_object":
         return "json"
     if kind == "json_schema":
-        schema = (rf.get("json_schema") or {}).get("schema")
+        spec = rf.get("json_schema")
+        if not isinstance(spec, dict):
+            raise ApiError(400, "response_format.json_schema must be an object with a 'schema' object")
+        schema = spec.get("schema")
         if not isinstance(schema, dict):
             raise ApiError(400, "response_format.json_schema.schema must be an object")
         return schema
@@ -137,7 +162,9 @@ def _messages(raw: object) -> list[dict[str, Any]]:
             for part in content:
                 if not isinstance(part, dict):
                     raise ApiError(400, "invalid message content part")
-                if part.get("type") == "text" and isinstance(part.get("text"), str):
+                if part.get("type") == "text":
+                    if not isinstance(part.get("text"), str):
+                        raise ApiError(400, "a message content part of type 'text' needs a string 'text'")
                     text_parts.append(part["text"])
                 elif part.get("type") == "image_url":
                     raise ApiError(400, "image input is not supported by this model")
@@ -275,8 +302,9 @@ async def embeddings(request: web.Request) -> web.Response:
         inputs = raw
     else:
         raise ApiError(400, "invalid input")
-    enc = data.get("encoding_format") or "float"
-    if enc not in ("float", "base64"):
+    enc = data.get("encoding_format")
+    enc = "float" if enc is None or enc == "" else enc
+    if not isinstance(enc, str) or enc not in ("float", "base64"):
         raise ApiError(400, f"invalid encoding_format {enc!r}; expected \"float\" or \"base64\"")
     dims = _typed(data, "dimensions", int, "an integer")
     if dims is not None and dims < 1:

@@ -48,13 +48,23 @@ def _url_arg(body: Any) -> str:
     if not isinstance(url, str) or not url.strip():
         raise ApiError(400, "expected {\"url\": \"http://HOST:PORT\"}")
     url = url.strip().rstrip("/")
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname or parts.path or parts.query:
+    if any(c.isspace() or not c.isprintable() for c in url):  # urlsplit silently drops tabs and newlines
+        raise ApiError(400, f"{url!r} is not a valid URL: it contains whitespace or control characters")
+    try:
+        parts = urlsplit(url)
+    except ValueError as e:  # e.g. an unclosed IPv6 bracket: "http://[::1"
+        raise ApiError(400, f"{url!r} is not a valid URL: {e}") from None
+    if (parts.scheme not in ("http", "https") or not parts.hostname or parts.path or parts.query
+            or parts.fragment):
         raise ApiError(400, f"{url!r} is not an instance base URL like http://HOST:11434")
     try:
         _ = parts.port
     except ValueError:
         raise ApiError(400, f"{url!r} has an invalid port") from None
+    try:  # urlsplit takes any text as a host; one DNS cannot carry would only ever fail the health checks
+        (parts.hostname or "").encode("idna")
+    except UnicodeError:
+        raise ApiError(400, f"{url!r} has an invalid host name") from None
     return url
 
 

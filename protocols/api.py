@@ -256,9 +256,10 @@ def normalize_options(opts: dict[str, Any] | None) -> dict[str, Any]:
     for key, val in (opts or {}).items():
         if val is None:
             continue
+        got = "a non-finite number" if isinstance(val, float) and not math.isfinite(val) else _json_kind(val)
         if key in INT_OPTIONS:
             if isinstance(val, bool) or not isinstance(val, int | float) or not math.isfinite(val):
-                raise ApiError(400, f"option {key!r} must be an integer, got {_json_kind(val)}")
+                raise ApiError(400, f"option {key!r} must be an integer, got {got}")
             if val != int(val):
                 raise ApiError(400, f"option {key!r} must be an integer, got {val}")
             if not -_I64 <= int(val) < _I64:  # Go's int
@@ -266,7 +267,7 @@ def normalize_options(opts: dict[str, Any] | None) -> dict[str, Any]:
             out[key] = int(val)
         elif key in FLOAT_OPTIONS:
             if isinstance(val, bool) or not isinstance(val, int | float) or not math.isfinite(val):
-                raise ApiError(400, f"option {key!r} must be a number, got {_json_kind(val)}")
+                raise ApiError(400, f"option {key!r} must be a finite number, got {got}")
             out[key] = float(val)
         elif key in BOOL_OPTIONS:
             if not isinstance(val, bool):
