@@ -49,6 +49,8 @@ class GenerateJob:
     # characters they decode to were delivered already (what is left is text that runner held back).
     resume_ids: list[int] = field(default_factory=list)
     skip_chars: int = 0
+    # Log probabilities of the tokens chosen (-1: off), with this many most likely alternatives each (0-20).
+    logprobs: int = -1
 
 
 @dataclass
@@ -75,6 +77,7 @@ class _Seq:
     cancelled: bool = False
     reported: int = 0  # history[:reported] went out in token frames (the ids let another runner resume)
     skip: int = 0
+    logprobs: list[dict[str, Any]] = field(default_factory=list)  # entries not yet sent, in token order
 
 
 class Engine:
@@ -257,6 +260,9 @@ class Engine:
     def _sample_rows(self, logits: torch.Tensor, seqs: list[_Seq]) -> None:
         if self.vocab_limit and logits.shape[-1] > len(self.tok):
             logits[:, len(self.tok) :] = float("-inf")  # padded embedding rows are not real tokens
+        # the model's own distribution, before penalties, grammar and sampling settings reshape it
+        wanted = [row for row, s in enumerate(seqs) if s.job.logprobs >= 0]
+        raw = torch.log_softmax(logits[wanted], -1) if wanted else None
         for row, s in enumerate(seqs):
             s.sampler.penalize(logits[row], s.history)
         constraints = [s.job.constraint for s in seqs]
@@ -264,7 +270,32 @@ class Engine:
             self.apply_masks(logits, constraints)
         for row, s in enumerate(seqs):
             tok = s.sampler.sample(logits[row])
+            if raw is not None and s.job.logprobs >= 0 and tok not in self.eos_ids and tok not in s.job.stop_ids:
+                s.logprobs.append(self._logprob_entry(raw[wanted.index(row)], tok, s.job.logprobs))
             self._accept(s, tok)
+
+    def _token_logprob(self, tok: int, logprob: float) -> dict[str, Any]:
+        text = self.tok.decode([tok], skip_special_tokens=False)
+        entry: dict[str, Any] = {"token": text, "logprob": logprob}
+        if "\ufffd" not in text:  # part of a multi-byte character: its own bytes are not known here
+            entry["bytes"] = list(text.encode())
+        return entry
+
+    def _logprob_entry(self, lp: torch.Tensor, tok: int, top: int) -> dict[str, Any]:
+        """Ollama's (and OpenAI's) shape: the chosen token, then the `top` most likely ones."""
+        entry = self._token_logprob(tok, float(lp[tok]))
+        if top > 0:
+            values, ids = torch.topk(lp, min(top, lp.shape[-1]))
+            entry["top_logprobs"] = [self._token_logprob(int(i), float(v)) for v, i in zip(values, ids, strict=True)]
+        return entry
+
+    @staticmethod
+    def _take_logprobs(s: _Seq) -> dict[str, Any]:
+        """The pending entries for a token frame (the frame carries the text of those tokens, or text before)."""
+        if not s.logprobs:
+            return {}
+        out, s.logprobs = s.logprobs, []
+        return {"logprobs": out}
 
     def _accept(self, s: _Seq, tok: int) -> None:
         job = s.job
@@ -329,7 +360,8 @@ class Engine:
         out = s.pending[: len(s.pending) - hold]
         s.pending = s.pending[len(out) :]
         if out:
-            s.job.emit({"id": s.job.id, "t": "token", "text": out, "ids": self._unreported(s)})
+            s.job.emit({"id": s.job.id, "t": "token", "text": out, "ids": self._unreported(s),
+                        **self._take_logprobs(s)})
         return False
 
     @staticmethod
@@ -346,8 +378,11 @@ class Engine:
         if flush_tail and len(tail) > len(head):
             s.pending += tail[len(head) :][s.skip:]
         if s.pending:
-            job.emit({"id": job.id, "t": "token", "text": s.pending, "ids": self._unreported(s)})
+            job.emit({"id": job.id, "t": "token", "text": s.pending, "ids": self._unreported(s),
+                      **self._take_logprobs(s)})
             s.pending = ""
+        elif flush_tail and s.logprobs:  # tokens that render as no text (control tokens) still had a probability
+            job.emit({"id": job.id, "t": "token", "text": "", "ids": self._unreported(s), **self._take_logprobs(s)})
         job.emit(
             {
                 "id": job.id,

@@ -165,6 +165,9 @@ class Runner:
                         raise ValueError("structured output is not available for this model")
                     constraint = self.compiler.constraint(msg["format"])
                 opts = msg.get("options", {})
+                logprobs = msg.get("logprobs", -1)
+                if not isinstance(logprobs, int) or isinstance(logprobs, bool) or not -1 <= logprobs <= 20:
+                    raise ValueError("top_logprobs must be between 0 and 20")
                 special = self.special_ids
                 job = GenerateJob(
                     id=jid,
@@ -177,6 +180,7 @@ class Runner:
                     emit=self.send,
                     constraint=constraint,
                     stop_ids=frozenset(special[s] for s in opts.get("stop", []) if s in special),
+                    logprobs=logprobs,
                 )
             except Exception as e:
                 self.send({"id": jid, "t": "error", "status": 400, "error": str(e)})

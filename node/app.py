@@ -229,13 +229,21 @@ def _line(obj: dict[str, Any]) -> bytes:
 def merge_generate(chunks: list[dict[str, Any]]) -> dict[str, Any]:
     out = dict(chunks[-1])
     out["response"] = "".join(c.get("response", "") for c in chunks)
-    return out
+    return _join_logprobs(out, chunks)
 
 
 def merge_chat(chunks: list[dict[str, Any]]) -> dict[str, Any]:
     out = dict(chunks[-1])
     content = "".join(c.get("message", {}).get("content", "") for c in chunks)
     out["message"] = {"role": "assistant", "content": content}
+    return _join_logprobs(out, chunks)
+
+
+def _join_logprobs(out: dict[str, Any], chunks: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each chunk carries the entries of its own tokens; the whole answer carries them all, in order."""
+    entries = [e for c in chunks for e in (c.get("logprobs") or ())]
+    if entries:
+        out["logprobs"] = entries
     return out
 
 

@@ -194,6 +194,7 @@ async def generate(eng: Inference, req: GenerateRequest, resume: Resume | None =
                    ) -> AsyncIterator[dict[str, Any]]:
     """/api/generate as a stream of native chunks (the first chunk is final for load/unload)."""
     raw = req.model or ""
+    logprobs = _logprobs(req)
     m = eng.resolve(raw)
     keep_alive = keep_alive_seconds(req.keep_alive)
     fmt = _check_format(req.format)
@@ -223,7 +224,7 @@ async def generate(eng: Inference, req: GenerateRequest, resume: Resume | None =
         except TemplateError as e:
             raise ApiError(400, f"template error: {e}") from None
     op = {"op": "generate", "prompt": prompt, "raw": req.raw, "options": opts, "num_ctx": eng.num_ctx(opts),
-          "format": fmt, "context": req.context or None}
+          "format": fmt, "context": req.context or None, "logprobs": logprobs}
     if resume is not None:
         resume.apply(op)
     async for msg in eng.stream_tokens(m, op, keep_alive):
@@ -231,8 +232,8 @@ async def generate(eng: Inference, req: GenerateRequest, resume: Resume | None =
             yield msg
             return
         if msg["t"] == "token":
-            yield {"model": raw, "created_at": rfc3339(), "response": msg["text"], "done": False,
-                   IDS_FIELD: msg.get("ids")}
+            yield _with_logprobs({"model": raw, "created_at": rfc3339(), "response": msg["text"], "done": False,
+                                  IDS_FIELD: msg.get("ids")}, msg)
         elif msg["t"] == "done":
             final: dict[str, Any] = {"model": raw, "created_at": rfc3339(), "response": "", "done": True,
                                      "done_reason": msg["done_reason"]}
@@ -246,6 +247,7 @@ async def generate(eng: Inference, req: GenerateRequest, resume: Resume | None =
 
 async def chat(eng: Inference, req: ChatRequest, resume: Resume | None = None) -> AsyncIterator[dict[str, Any]]:
     raw = req.model or ""
+    logprobs = _logprobs(req)
     m = eng.resolve(raw, missing_status=400, missing_msg="model is required")
     keep_alive = keep_alive_seconds(req.keep_alive)
     fmt = _check_format(req.format)
@@ -269,7 +271,7 @@ async def chat(eng: Inference, req: ChatRequest, resume: Resume | None = None) -
     except TemplateError as e:
         raise ApiError(400, f"template error: {e}") from None
     op = {"op": "generate", "prompt": prompt, "raw": False, "options": opts, "num_ctx": eng.num_ctx(opts),
-          "format": fmt}
+          "format": fmt, "logprobs": logprobs}
     if resume is not None:
         resume.apply(op)
     async for msg in eng.stream_tokens(m, op, keep_alive):
@@ -277,8 +279,9 @@ async def chat(eng: Inference, req: ChatRequest, resume: Resume | None = None) -
             yield msg
             return
         if msg["t"] == "token":
-            yield {"model": raw, "created_at": rfc3339(), "message": {"role": "assistant", "content": msg["text"]},
-                   "done": False, IDS_FIELD: msg.get("ids")}
+            yield _with_logprobs({"model": raw, "created_at": rfc3339(),
+                                  "message": {"role": "assistant", "content": msg["text"]}, "done": False,
+                                  IDS_FIELD: msg.get("ids")}, msg)
         elif msg["t"] == "done":
             final: dict[str, Any] = {"model": raw, "created_at": rfc3339(),
                                      "message": {"role": "assistant", "content": ""},
@@ -287,6 +290,19 @@ async def chat(eng: Inference, req: ChatRequest, resume: Resume | None = None) -
             if resume is not None:
                 resume.fix_final(final)
             yield final
+
+
+def _logprobs(req: GenerateRequest | ChatRequest) -> int:
+    """What the runner is asked for: -1 (none), else the number of alternatives per token."""
+    if not 0 <= req.top_logprobs <= 20:
+        raise ApiError(400, "top_logprobs must be between 0 and 20")
+    return req.top_logprobs if req.logprobs else -1
+
+
+def _with_logprobs(chunk: dict[str, Any], msg: dict[str, Any]) -> dict[str, Any]:
+    if msg.get("logprobs"):
+        chunk["logprobs"] = msg["logprobs"]
+    return chunk
 
 
 def _metrics(msg: dict[str, Any]) -> dict[str, int]:

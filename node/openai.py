@@ -186,6 +186,28 @@ def _finish(reason: str | None) -> str | None:
     return {"stop": "stop", "length": "length"}.get(reason or "", "stop" if reason else None)
 
 
+def _chat_logprobs(c: dict[str, Any]) -> dict[str, Any]:
+    """Chat completions carry Ollama's entries as they are (the shapes match) under `content`."""
+    return {"logprobs": {"content": c["logprobs"]}} if c.get("logprobs") else {}
+
+
+def _completion_logprobs(c: dict[str, Any], offset: list[int]) -> dict[str, Any]:
+    """Legacy completions' columns; `offset` carries the text position from chunk to chunk."""
+    entries = c.get("logprobs")
+    if not entries:
+        return {}
+    starts, tops = [], []
+    for e in entries:
+        starts.append(offset[0])
+        offset[0] += len(e["token"])
+        top: dict[str, float] = {}
+        for t in e.get("top_logprobs") or ():  # most likely first: where two tokens read alike, the likelier stays
+            top.setdefault(t["token"], t["logprob"])
+        tops.append(top)
+    return {"logprobs": {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
+                         "top_logprobs": tops, "text_offset": starts}}
+
+
 def _sse(obj: Any) -> bytes:
     return b"data: " + json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
 
@@ -222,7 +244,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     request[MODEL_KEY] = model
     native = ChatRequest.model_validate(
         {"model": model, "messages": messages, "stream": stream, "options": _options(data),
-         "format": _format(data)}
+         "format": _format(data), "logprobs": bool(_typed(data, "logprobs", bool, "a boolean")),
+         "top_logprobs": _typed(data, "top_logprobs", int, "an integer") or 0}
     )
     first, rest = await inference.first_and_rest(route_chat(request, native))
     if first is None:
@@ -232,14 +255,14 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     if not stream:
         final = await collect(first, rest, merge_chat)
         return json_response({**base, "object": "chat.completion", "choices": [
-            {"index": 0, "message": final["message"], "finish_reason": _finish(final.get("done_reason"))}],
-            "usage": _usage(final)})
+            {"index": 0, "message": final["message"], "finish_reason": _finish(final.get("done_reason")),
+             **_chat_logprobs(final)}], "usage": _usage(final)})
 
     def shape(c: dict[str, Any]) -> list[Any]:
         obj = {**base, "object": "chat.completion.chunk"}
         if not c.get("done"):
             return [{**obj, "choices": [{"index": 0, "delta": {"role": "assistant",
-                     "content": c["message"]["content"]}, "finish_reason": None}]}]
+                     "content": c["message"]["content"]}, "finish_reason": None, **_chat_logprobs(c)}]}]
         out: list[Any] = [{**obj, "choices": [{"index": 0, "delta": {},
                                                "finish_reason": _finish(c.get("done_reason"))}]}]
         if include_usage:
@@ -260,9 +283,11 @@ async def completions(request: web.Request) -> web.StreamResponse:
     opts = data.get("stream_options")
     include_usage = bool(isinstance(opts, dict) and opts.get("include_usage"))
     request[MODEL_KEY] = model
+    top = _typed(data, "logprobs", int, "an integer")  # legacy completions: how many alternatives per token
     native = GenerateRequest.model_validate(
         {"model": model, "prompt": prompt, "stream": stream, "options": _options(data, top_p_zero_is_one=True),
-         "suffix": _typed(data, "suffix", str, "a string") or ""}
+         "suffix": _typed(data, "suffix", str, "a string") or "", "logprobs": top is not None,
+         "top_logprobs": top or 0}
     )
     if not prompt:
         raise ApiError(400, "'prompt' must not be empty")
@@ -275,13 +300,16 @@ async def completions(request: web.Request) -> web.StreamResponse:
     if not stream:
         final = await collect(first, rest, merge_generate)
         return json_response({**base, "choices": [{"text": final["response"], "index": 0,
-                              "finish_reason": _finish(final.get("done_reason"))}], "usage": _usage(final)})
+                              "finish_reason": _finish(final.get("done_reason")),
+                              **_completion_logprobs(final, [0])}], "usage": _usage(final)})
     zero = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+    offset = [0]  # where the next token starts in the text streamed so far
 
     def shape(c: dict[str, Any]) -> list[Any]:
         extra = {"usage": zero} if include_usage else {}
         if not c.get("done"):
-            return [{**base, "choices": [{"text": c["response"], "index": 0, "finish_reason": None}], **extra}]
+            return [{**base, "choices": [{"text": c["response"], "index": 0, "finish_reason": None,
+                                          **_completion_logprobs(c, offset)}], **extra}]
         out: list[Any] = [{**base, "choices": [{"text": "", "index": 0,
                                                 "finish_reason": _finish(c.get("done_reason"))}], **extra}]
         if include_usage:

@@ -145,6 +145,8 @@ class GenerateRequest(Req):
     options: dict[str, Any] | None = None
     keep_alive: Any = None
     think: Any = None
+    logprobs: bool = False
+    top_logprobs: int = 0
 
 
 class Message(BaseModel):
@@ -168,6 +170,8 @@ class ChatRequest(Req):
     keep_alive: Any = None
     tools: list[dict[str, Any]] | None = None
     think: Any = None
+    logprobs: bool = False
+    top_logprobs: int = 0
 
 
 class EmbedRequest(Req):

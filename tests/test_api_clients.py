@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -89,6 +90,38 @@ def test_chat_stream_and_non_stream(oc: ollama.Client) -> None:
     parts = list(oc.chat(model="omx-tiny", messages=msgs, options={"num_predict": 6, "seed": 3}, stream=True))
     assert parts[-1].done and parts[-1].message.content == ""
     assert "".join(p.message.content for p in parts) == r.message.content
+
+
+def _check_logprobs(entries: list, top: int) -> None:
+    for e in entries:
+        assert e.logprob <= 0 and len(e.top_logprobs) == top
+        # greedy: the chosen token is the most likely one; the alternatives come most likely first
+        assert e.top_logprobs[0].token == e.token and e.top_logprobs[0].logprob == pytest.approx(e.logprob)
+        lps = [t.logprob for t in e.top_logprobs]
+        assert lps == sorted(lps, reverse=True) and sum(math.exp(x) for x in lps) <= 1 + 1e-4
+
+
+def test_logprobs_of_every_token_streamed_or_not(oc: ollama.Client, node) -> None:
+    opts = {"num_predict": 6, "temperature": 0, "stop": []}
+    r = oc.generate(model="omx-tiny", prompt="hello world", options=opts, logprobs=True, top_logprobs=3)
+    assert r.logprobs is not None and len(r.logprobs) == r.eval_count == 6
+    _check_logprobs(r.logprobs, 3)
+    chunks = list(oc.generate(model="omx-tiny", prompt="hello world", options=opts, logprobs=True, top_logprobs=3,
+                              stream=True))
+    streamed = [e for c in chunks for e in (c.logprobs or [])]
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in r.logprobs]
+    assert "".join(e.token for e in streamed) == r.response  # the demo's tokens are single bytes of ASCII here
+    c = oc.chat(model="omx-tiny", messages=[{"role": "user", "content": "hi"}], options=opts, logprobs=True)
+    assert c.logprobs is not None and len(c.logprobs) == c.eval_count
+    assert all(not e.top_logprobs for e in c.logprobs)  # top_logprobs 0: the chosen token only
+    assert oc.generate(model="omx-tiny", prompt="hello world", options=opts).logprobs is None
+    raw = node.client().post("/api/generate", json={"model": "omx-tiny", "prompt": "hello world", "stream": False,
+                                                    "options": opts, "logprobs": True, "top_logprobs": 1}).json()
+    for e in raw["logprobs"]:  # the client library drops `bytes`; Ollama sends each token's UTF-8 bytes
+        assert "bytes" not in e or bytes(e["bytes"]).decode() == e["token"]
+        assert all(bytes(t["bytes"]).decode() == t["token"] for t in e["top_logprobs"] if "bytes" in t)
+    with pytest.raises(ollama.ResponseError, match="top_logprobs must be between 0 and 20"):
+        oc.generate(model="omx-tiny", prompt="x", logprobs=True, top_logprobs=21)
 
 
 def test_format_json_is_valid_json(oc: ollama.Client) -> None:
@@ -249,6 +282,26 @@ def test_openai_completions_and_embeddings(ai: openai.OpenAI) -> None:
     b64 = ai.embeddings.create(model="omx-tiny", input="a", encoding_format="base64")
     raw = base64.b64decode(b64.data[0].embedding)  # little-endian float32
     assert len(raw) == 4 * len(e.data[0].embedding)
+
+
+def test_openai_logprobs(ai: openai.OpenAI) -> None:
+    msgs = [{"role": "user", "content": "hello world"}]
+    r = ai.chat.completions.create(model="omx-tiny", messages=msgs, max_tokens=5, temperature=0, logprobs=True,
+                                   top_logprobs=2)
+    content = r.choices[0].logprobs.content
+    assert r.usage is not None and len(content) == r.usage.completion_tokens
+    assert all(len(t.top_logprobs) == 2 and t.top_logprobs[0].token == t.token for t in content)
+    stream = ai.chat.completions.create(model="omx-tiny", messages=msgs, max_tokens=5, temperature=0,
+                                        logprobs=True, top_logprobs=2, stream=True)
+    streamed = [t for c in stream if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    assert [(t.token, t.logprob) for t in streamed] == [(t.token, t.logprob) for t in content]
+    c = ai.completions.create(model="omx-tiny", prompt="hello world", max_tokens=5, temperature=0, logprobs=3)
+    lp = c.choices[0].logprobs
+    assert "".join(lp.tokens) == c.choices[0].text and len(lp.token_logprobs) == len(lp.tokens)
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+    assert all(len(alts) <= 3 and max(alts.values()) >= lp.token_logprobs[i] - 1e-6
+               for i, alts in enumerate(lp.top_logprobs))
+    assert ai.chat.completions.create(model="omx-tiny", messages=msgs, max_tokens=2).choices[0].logprobs is None
 
 
 def test_openai_models(ai: openai.OpenAI) -> None:
