@@ -7,6 +7,7 @@ yields `{"error": ...}` after it (Ollama's in-stream error line).
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from collections.abc import AsyncIterator
@@ -168,9 +169,10 @@ def _load_error(e: Exception) -> ApiError:
     return ApiError(500, str(e) or type(e).__name__)
 
 
-def _check_format(fmt: object) -> object:
+async def _check_format(fmt: object) -> object:
+    """A schema is checked off the event loop: a large one (up to validate_format's limits) takes a while."""
     try:
-        return validate_format(fmt)
+        return await asyncio.to_thread(validate_format, fmt) if isinstance(fmt, dict) else validate_format(fmt)
     except FormatError as e:
         raise ApiError(400, str(e)) from None
 
@@ -197,7 +199,7 @@ async def generate(eng: Inference, req: GenerateRequest, resume: Resume | None =
     logprobs = _logprobs(req)
     m = eng.resolve(raw)
     keep_alive = keep_alive_seconds(req.keep_alive)
-    fmt = _check_format(req.format)
+    fmt = await _check_format(req.format)
     if req.raw and (req.template or req.system or req.context):
         raise ApiError(400, "raw mode does not support template, system, or context")
     _check_think(m, raw, req.think)
@@ -250,7 +252,7 @@ async def chat(eng: Inference, req: ChatRequest, resume: Resume | None = None) -
     logprobs = _logprobs(req)
     m = eng.resolve(raw, missing_status=400, missing_msg="model is required")
     keep_alive = keep_alive_seconds(req.keep_alive)
-    fmt = _check_format(req.format)
+    fmt = await _check_format(req.format)
     _check_think(m, raw, req.think)
     if "completion" not in m.capabilities:
         raise ApiError(400, f'"{raw}" does not support chat')
