@@ -70,32 +70,34 @@ async def errors_mw(request: web.Request, handler: Handler) -> web.StreamRespons
     """Every failure becomes Ollama's error shape; nothing reaches the client as a traceback."""
     try:
         return await handler(request)
-    except ApiError as e:
-        resp = error_response(e.status, e.message)
-        if e.status == 503:
-            resp.headers["Retry-After"] = "1"  # busy or no replica now: a client may retry shortly
-        return resp
-    except web.HTTPRequestEntityTooLarge:
-        return error_response(413, too_large_message(request))
-    except web.RequestPayloadError as e:
-        resp = error_response(400, payload_error_message(request, e))
-        resp.force_close()
-        return resp
     except web.HTTPNotFound:
         return web.Response(status=404, text="404 page not found")
     except web.HTTPMethodNotAllowed:
         return web.Response(status=405, text="405 method not allowed")
-    except web.HTTPException:
-        raise
-    except (asyncio.CancelledError, ConnectionResetError):
-        raise
     except Exception as e:
-        log.exception("unhandled error on %s %s", request.method, request.path)
-        return error_response(500, f"internal error: {type(e).__name__}")
+        return failure_response(request, e, error_response)
 
 
-def too_large_message(request: web.Request) -> str:
-    return f"request body too large (limit {request.app[CONFIG].max_body_bytes} bytes)"
+def failure_response(
+    request: web.Request, e: Exception, shape: Callable[[int, str], web.Response],
+) -> web.Response:
+    """A handler's failure as an answer in `shape` (Ollama's, or OpenAI's for /v1); call it from the `except`
+    block. What aiohttp answers itself (its HTTP exceptions) and a client that went away are raised again."""
+    if isinstance(e, ApiError):
+        resp = shape(e.status, e.message)
+        if e.status == 503:
+            resp.headers["Retry-After"] = "1"  # busy or no replica now: a client may retry shortly
+        return resp
+    if isinstance(e, web.HTTPRequestEntityTooLarge):
+        return shape(413, f"request body too large (limit {request.app[CONFIG].max_body_bytes} bytes)")
+    if isinstance(e, web.RequestPayloadError):
+        resp = shape(400, payload_error_message(request, e))
+        resp.force_close()
+        return resp
+    if isinstance(e, web.HTTPException | ConnectionResetError):
+        raise e
+    log.exception("unhandled error on %s %s", request.method, request.path)
+    return shape(500, f"internal error: {type(e).__name__}")
 
 
 def payload_error_message(request: web.Request, e: web.RequestPayloadError) -> str:

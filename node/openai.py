@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
-import logging
 import random
 import struct
 import time
@@ -21,20 +19,17 @@ from omx.node.app import (
     INFER,
     cluster_tags,
     collect,
+    failure_response,
     has_model,
     json_response,
     merge_chat,
     merge_generate,
-    payload_error_message,
     route_chat,
     route_generate,
-    too_large_message,
 )
 from omx.node.metrics import MODEL_KEY
 from omx.node.router import ROUTER, model_key
 from omx.protocols.api import ApiError, ChatRequest, GenerateRequest, load_json
-
-log = logging.getLogger("omx.node")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -54,22 +49,8 @@ def openai_route(fn: Handler) -> Handler:
     async def wrapped(request: web.Request) -> web.StreamResponse:
         try:
             return await fn(request)
-        except ApiError as e:
-            resp = openai_error(e.status, e.message)
-            if e.status == 503:
-                resp.headers["Retry-After"] = "1"
-            return resp
-        except web.HTTPRequestEntityTooLarge:
-            return openai_error(413, too_large_message(request))
-        except web.RequestPayloadError as e:
-            resp = openai_error(400, payload_error_message(request, e))
-            resp.force_close()
-            return resp
-        except (web.HTTPException, asyncio.CancelledError, ConnectionResetError):
-            raise
         except Exception as e:
-            log.exception("unhandled error on %s %s", request.method, request.path)
-            return openai_error(500, f"internal error: {type(e).__name__}")
+            return failure_response(request, e, openai_error)
 
     return wrapped
 
