@@ -44,7 +44,7 @@ class Layer(BaseModel):
 
     media_type: str = Field(alias="mediaType")
     digest: str
-    size: int = Field(ge=0)
+    size: int = Field(ge=0, lt=1 << 63)  # Go's int64, as Ollama declares it; anything larger is a lie
     from_: str | None = Field(default=None, alias="from")
     name: str | None = None
 

@@ -9,6 +9,7 @@ Anonymous bearer tokens (`WWW-Authenticate: Bearer realm=...`) are fetched when 
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -25,6 +26,11 @@ DEFAULT_REGISTRY = f"https://{DEFAULT_HOST}"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 _UPLOAD_PIECE = 1 << 20
 REGISTRY_STREAMS = 4  # requests in flight to one registry (see `source`)
+# Small answers (manifests, tokens) are read whole, so they are bounded: a registry that drips or never ends
+# must hold neither the pull nor the node's memory. Docker's registry refuses manifests over 4 MiB too.
+MANIFEST_LIMIT = 4 << 20
+TOKEN_LIMIT = 1 << 20
+REPLY_TIMEOUT = 60.0
 
 
 class RegistryError(TransferError):
@@ -76,14 +82,39 @@ class RegistryClient:
             raise RegistryError(f"{self.base} sent an authentication challenge without a realm", 401)
         scope = fields.get("scope") or f"repository:{_repo(self.name)}:{'pull,push' if push else 'pull'}"
         query = urlencode({k: v for k, v in {"service": fields.get("service"), "scope": scope}.items() if v})
-        async with self.session.get(f"{realm}?{query}") as r:
-            if r.status != 200:
-                raise RegistryError(f"{self.base}: token request failed (HTTP {r.status})", r.status)
-            body = await r.json(content_type=None)
+        try:
+            async with self.session.get(f"{realm}?{query}") as r:
+                if r.status != 200:
+                    raise RegistryError(f"{self.base}: token request failed (HTTP {r.status})", r.status)
+                data = await self._small_body(r, TOKEN_LIMIT, "token")
+        except (aiohttp.ClientError, TimeoutError, OSError, UnicodeError, ValueError) as e:
+            raise RegistryError(f"{self.base}: token request to {realm!r} failed: {e or type(e).__name__}",
+                                502) from None
+        try:
+            body = json.loads(data)
+        except ValueError:
+            raise RegistryError(f"{self.base}: the token response is not JSON", 502) from None
         token = body.get("token") or body.get("access_token") if isinstance(body, dict) else None
         if not token:
             raise RegistryError(f"{self.base}: token response without a token", 401)
         self.headers["Authorization"] = f"Bearer {token}"
+
+    async def _small_body(self, r: aiohttp.ClientResponse, limit: int, what: str) -> bytes:
+        """A whole answer of at most `limit` bytes, within REPLY_TIMEOUT; raises RegistryError."""
+        if r.content_length is not None and r.content_length > limit:
+            raise RegistryError(f"{what}: {self.base} sent {r.content_length} bytes, more than {limit} allowed", 502)
+        buf = bytearray()
+        try:
+            async with asyncio.timeout(REPLY_TIMEOUT):
+                async for piece in r.content.iter_chunked(1 << 16):
+                    buf += piece
+                    if len(buf) > limit:
+                        raise RegistryError(f"{what}: {self.base} sent more than {limit} bytes", 502)
+        except TimeoutError:
+            raise RegistryError(f"{what}: {self.base} did not finish answering in {REPLY_TIMEOUT:.0f}s", 504) from None
+        except (aiohttp.ClientError, OSError) as e:
+            raise RegistryError(f"{what}: {self.base}: {e or type(e).__name__}", 502) from None
+        return bytes(buf)
 
     async def request(self, method: str, url: str, *, push: bool = False, **kw: Any) -> aiohttp.ClientResponse:
         """One request, retried once with a token after a 401 challenge; the caller releases the response."""
@@ -112,15 +143,17 @@ class RegistryClient:
                 raise RegistryError("pull model manifest: file does not exist", 404)
             if r.status != 200:
                 raise RegistryError(f"pull model manifest: {self.base} answered HTTP {r.status}", r.status)
-            data = await r.read()
+            data = await self._small_body(r, MANIFEST_LIMIT, "pull model manifest")
         Manifest.from_bytes(data)  # raises InvalidManifest
         return data
 
     def source(self) -> Source:
         # a registry is usually across a WAN, where one TCP stream is held back by its window over the round
         # trip; Ollama's own client downloads parts in parallel for the same reason
-        return Source(id=self.base, blob_prefix=self.url("blobs/"), headers=dict(self.headers),
-                      streams=REGISTRY_STREAMS)
+        # bad bytes mark the source for a while: scoped to this repository, so one corrupt blob does not stop
+        # every pull from the registry
+        return Source(id=f"{self.base}/{_repo(self.name)}", blob_prefix=self.url("blobs/"),
+                      headers=dict(self.headers), streams=REGISTRY_STREAMS)
 
     # ---- push ----------------------------------------------------------------------------------------
     async def _has_blob(self, digest: str) -> bool:
@@ -136,8 +169,12 @@ class RegistryClient:
             location = r.headers.get("Location", "")
         if not location:
             raise RegistryError("push: the registry gave no upload location", 502)
-        location = urljoin(self.url("blobs/uploads/"), location)
-        sep = "&" if urlsplit(location).query else "?"
+        try:
+            location = urljoin(self.url("blobs/uploads/"), location)
+            sep = "&" if urlsplit(location).query else "?"
+        except ValueError:  # "http://[::1" and the like
+            raise RegistryError(f"push: the registry gave an upload location that is no URL: {location!r}",
+                                502) from None
         path = store.blob_path(digest)
 
         async def body() -> AsyncIterator[bytes]:

@@ -676,6 +676,7 @@ class Store:
                 for layer in (parsed.config, *parsed.layers):
                     if not self.has_blob(layer.digest):
                         raise BlobNotFound(layer.digest)
+            self.check_sizes(parsed)
             config = self.blob_path(parsed.config.digest)
             if self.has_blob(parsed.config.digest):  # a config that does not parse would break every later use
                 if config.stat().st_size > MAX_CONFIG_BYTES:
@@ -686,6 +687,18 @@ class Store:
             path.parent.mkdir(parents=True, exist_ok=True)
             _atomic_write(path, data)
         return hashlib.sha256(data).hexdigest()
+
+    def check_sizes(self, m: Manifest) -> None:
+        """Every size the manifest declares for a blob we hold must be that blob's: /api/tags, disk checks and
+        progress all trust them (a lying one reached 10^21 bytes)."""
+        for layer in (m.config, *m.layers):
+            try:
+                actual = self.blob_path(layer.digest).stat().st_size
+            except FileNotFoundError:
+                continue
+            if actual != layer.size:
+                raise InvalidManifest(f"layer {layer.digest} is {actual} bytes, not the {layer.size} the manifest "
+                                      "says")
 
     def _read(self, name: ModelName | str) -> tuple[ModelName, bytes, os.stat_result]:
         n = _as_name(name)

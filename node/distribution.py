@@ -91,9 +91,9 @@ async def _tracked(app: web.Application, name: ModelName, plan: PullPlan,
     key = model_key(name.display_shortest())
     done: dict[str, int] = {}
     total = sum(plan.sizes().values())
-    dist.fetching[key] = [0, total]
-    dist.advertise(cluster, time.monotonic(), force=True)
-    try:
+    try:  # the entry goes in the finally's reach: one left behind is gossiped forever
+        dist.fetching[key] = [0, total]
+        dist.advertise(cluster, time.monotonic(), force=True)
         async with contextlib.aclosing(lines):
             async for line in lines:
                 if "digest" in line and "total" in line:
@@ -355,6 +355,12 @@ async def plan_pull(app: web.Application, name: ModelName, insecure: bool) -> Pu
 async def reserve_space(app: web.Application, plan: PullPlan) -> None:
     """Budget and free-disk check before any byte is written (evicting LRU models if allowed)."""
     store, dist, cfg = app[STORE], app[DIST], app[CONFIG]
+    if sum(plan.sizes().values()) >= 1 << 63:
+        raise ApiError(502, "pull model manifest: it declares more than 8 EiB of blobs")
+    try:
+        await asyncio.to_thread(store.check_sizes, plan.manifest)
+    except InvalidManifest as e:
+        raise ApiError(502, f"pull model manifest: {e}") from None
     need = await asyncio.to_thread(missing_bytes, store, plan.sizes())
     if need == 0:
         return
@@ -381,6 +387,8 @@ async def pull(app: web.Application, name: ModelName, insecure: bool = False) ->
             yield line
     except TransferError as e:
         yield {"error": str(e)}
+    except InvalidManifest as e:  # verified bytes, but not a model: nothing is written under the name
+        yield {"error": f"pull model manifest: {e}"}
 
 
 async def replicate(app: web.Application, name: ModelName | str) -> None:
@@ -393,7 +401,7 @@ async def replicate(app: web.Application, name: ModelName | str) -> None:
     try:
         async for _ in _tracked(app, n, plan, pull_model(app[STORE], app[DIST].fetcher, plan, app[DIST].uses)):
             pass
-    except TransferError as e:
+    except (TransferError, InvalidManifest) as e:
         raise ApiError(502, str(e)) from None
     _store_changed(app)
 
@@ -424,7 +432,7 @@ async def push(app: web.Application, name: ModelName, insecure: bool) -> AsyncIt
     try:
         async for line in client.push(store):
             yield line
-    except (TransferError, ModelNotFound, BlobNotFound) as e:
+    except (TransferError, ModelNotFound, BlobNotFound, InvalidManifest) as e:
         yield {"error": str(e)}
 
 

@@ -4,17 +4,20 @@ against a loopback OCI registry (Debian's docker-registry)."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+import threading
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+from aiohttp import web
 from conftest import cluster_view, routed_headers
 
 from omx.models.names import ModelName
@@ -317,3 +320,116 @@ async def test_blob_route_serves_ranges_with_sendfile(tmp_path: Path) -> None:
                     assert await r.read() == data[i * 1000:i * 1000 + 1_000_000]
     finally:
         await runner.cleanup()
+
+
+# ---- a hostile registry ----------------------------------------------------------------------------
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class HostileRegistry:
+    """An OCI registry on loopback whose answers the test picks per repository (`/v2/<ns>/<repo>/...`)."""
+
+    def __init__(self) -> None:
+        self.routes: dict[str, Handler] = {}  # repo -> what answers its manifests, blobs and tokens
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._dispatch)
+        self.loop = asyncio.new_event_loop()
+        self.runner = web.AppRunner(app)
+        self.loop.run_until_complete(self.runner.setup())
+        self.port = free_ports(1)[0]
+        self.loop.run_until_complete(web.TCPSite(self.runner, "127.0.0.1", self.port).start())
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    async def _dispatch(self, request: web.Request) -> web.StreamResponse:
+        parts = request.path.strip("/").split("/")
+        repo = parts[2] if len(parts) > 2 else parts[0]
+        handler = self.routes.get(repo)
+        return await handler(request) if handler else web.Response(status=404)
+
+    def close(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def hostile() -> Iterator[HostileRegistry]:
+    reg = HostileRegistry()
+    try:
+        yield reg
+    finally:
+        reg.close()
+
+
+def _manifest(config: tuple[str, int], *layers: tuple[str, int]) -> bytes:
+    def ref(d: tuple[str, int], mt: str) -> dict:
+        return {"mediaType": mt, "digest": d[0], "size": d[1]}
+
+    return json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+                       "config": ref(config, "application/vnd.docker.container.image.v1+json"),
+                       "layers": [ref(x, "application/vnd.ollama.image.model") for x in layers]}).encode()
+
+
+def test_a_hostile_registry_gets_clear_errors_and_the_node_pulls_on(node, hostile: HostileRegistry) -> None:
+    tiny = json.loads((node.data_dir / "manifests/registry.ollama.ai/library/omx-tiny/latest").read_bytes())
+    gguf = next(x for x in tiny["layers"] if x["mediaType"].endswith("model"))
+    config = b'{"model_format":"gguf"}'
+    config_d = ("sha256:" + hashlib.sha256(config).hexdigest(), len(config))
+    junk = b"this is not json"
+    junk_d = ("sha256:" + hashlib.sha256(junk).hexdigest(), len(junk))
+
+    def manifest_of(body: bytes) -> Handler:
+        async def h(request: web.Request) -> web.StreamResponse:
+            if "/blobs/" in request.path:
+                blob = {config_d[0]: config, junk_d[0]: junk}.get(request.path.rsplit("/", 1)[1])
+                return web.Response(body=blob) if blob is not None else web.Response(status=404)
+            return web.Response(body=body, content_type="application/vnd.docker.distribution.manifest.v2+json")
+        return h
+
+    async def endless(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        await resp.prepare(request)
+        for _ in range(10_000):  # far past any manifest; the node must stop reading long before
+            await resp.write(b" " * 65536)
+        return resp
+
+    async def bad_token(request: web.Request) -> web.StreamResponse:
+        if request.path.startswith("/token"):
+            return web.Response(text="<html>not json</html>")
+        return web.Response(status=401, headers={
+            "WWW-Authenticate": f'Bearer realm="http://127.0.0.1:{hostile.port}/token",service="x"'})
+
+    hostile.routes.update({
+        "giant": manifest_of(_manifest(config_d, (gguf["digest"], 10**21))),  # sizes are Go int64s
+        "liar": manifest_of(_manifest(config_d, (gguf["digest"], 12345))),  # a blob we hold, another size
+        "huge": manifest_of(b" " * (5 << 20) + _manifest(config_d)),
+        "endless": endless,
+        "token": bad_token,
+        "junkconfig": manifest_of(_manifest(junk_d, (gguf["digest"], gguf["size"]))),
+    })
+    base = f"127.0.0.1:{hostile.port}/ns"
+    cases = {
+        "giant": "less than 9223372036854775808",
+        "liar": f"is {gguf['size']} bytes, not the 12345",
+        "huge": "more than 4194304",
+        "endless": "more than 4194304",
+        "token": "not JSON",
+    }
+    with node.client(timeout=120) as c:
+        before = sorted(m["name"] for m in c.get("/api/tags").json()["models"])
+        for repo, needle in cases.items():
+            r = c.post("/api/pull", json={"model": f"{base}/{repo}:x", "insecure": True, "stream": False})
+            assert r.status_code == 502 and needle in r.json()["error"], (repo, r.status_code, r.text)
+        # a config blob that verifies but is no config: an error line, and no model under the name
+        r = c.post("/api/pull", json={"model": f"{base}/junkconfig:x", "insecure": True})
+        lines = [json.loads(x) for x in r.text.splitlines() if x.strip()]
+        assert "invalid config blob" in lines[-1].get("error", ""), lines
+        assert sorted(m["name"] for m in c.get("/api/tags").json()["models"]) == before
+        # the node pulls on: nothing of the above stuck (its gossip figures, its transfers)
+        r = c.post("/api/pull", json={"model": f"{base}/nothing:x", "insecure": True, "stream": False})
+        assert r.status_code == 404, r.text
+        r = c.post("/api/generate", json={"model": "omx-tiny", "prompt": "hi", "stream": False,
+                                          "options": {"num_predict": 2}})
+        assert r.status_code == 200, r.text
