@@ -16,8 +16,9 @@ the GIL). The loop only hands out runs and counts chunks. TLS or redirecting sou
 The whole-blob sha256 is the only ground truth (a source's own claims prove nothing), so a mismatch is
 localized by refetching one contributing source's chunks from the others: if that fixes the digest, the
 source served bad bytes and is marked bad. Partial files (`blobs/.omx-partial-<hex>`, with a JSON record of
-the chunks written) survive interruption and are resumed; they never look like blobs. Concurrent requests
-for one blob share one transfer.
+the chunks written) survive interruption and are resumed (one that holds no chunk yet is removed: it would only hold
+the declared size); they never look like blobs. Concurrent requests for one blob share one transfer, which
+stops once none of them waits for it any more.
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ _F_GETPIPE_SZ: int = getattr(fcntl, "F_GETPIPE_SZ", 1032)
 # what splice(2) answers where it cannot be used (old kernels, some filesystems, seccomp sandboxes)
 _NO_SPLICE = frozenset({errno.EINVAL, errno.ENOSYS, errno.EPERM, errno.EOPNOTSUPP})
 _CONNECT_TIMEOUT = 10.0
+MIN_RATE = 2048.0  # bytes/s a request must average over each `timeout` window, or its source is given up on
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _T = TypeVar("_T")
 
@@ -325,6 +327,8 @@ class BlobTransfer:
         self._runs: list[_Run] = []  # in flight
         self.task: asyncio.Task[None] | None = None
         self.pin_sets: list[set[str]] = []
+        self.waiters = 0  # Fetcher.fetch calls waiting for it: the last one to leave stops it
+        self.abandoned = False  # stopped for want of waiters, winding down
         # per attempt
         self._chunk = fetcher.chunk_size
         self._n = max(1, -(-size // self._chunk))
@@ -366,7 +370,8 @@ class BlobTransfer:
             await asyncio.to_thread(remove_partial, self.fetcher.store, self.hex)
             raise TransferError(f"cannot store sha256:{self.hex}: {e.strerror or e}") from None
         finally:
-            self.fetcher._inflight.pop(self.hex, None)
+            if self.fetcher._inflight.get(self.hex) is self:
+                del self.fetcher._inflight[self.hex]
 
     async def _run(self) -> None:
         store = self.fetcher.store
@@ -425,8 +430,9 @@ class BlobTransfer:
             self._hasher, self._hashed = hashlib.sha256(), 0
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            await asyncio.to_thread(self._map_partial)
-            await asyncio.to_thread(self._write_record, self._record_data())
+            # (waited out even when cancelled: _leave_partial must not race the allocation or the first record)
+            await self._blocking(None, self._map_partial)
+            await self._blocking(None, self._write_record, self._record_data())
             want = [s.streams or self.fetcher.streams for s in sources]
             # round-robin: every source gets a worker before any gets a second, up to MAX_STREAMS in all, and
             # the first runs (a small blob's shares) go to different sources
@@ -445,16 +451,19 @@ class BlobTransfer:
             if self._error is not None:
                 if self._hashed > 0:  # keep the running hash: an in-process retry resumes without re-reading
                     self.fetcher._hash_state[self.hex] = (self._hasher.copy(), self._hashed)
-                await self._record_done()
-                await asyncio.to_thread(self._write_record, self._record_data())
+                await self._leave_partial()
                 raise TransferError(self._error)
             got = self._hasher.hexdigest()
             if got != self.hex:
                 self._got = got
                 return False
             await self._record_done()  # before _install removes the record
-            await asyncio.to_thread(self._install)
+            await self._blocking(None, self._install)
             return True
+        except asyncio.CancelledError:  # the last waiter left, or the node is closing
+            with contextlib.suppress(OSError):
+                await self._leave_partial()
+            raise
         finally:
             await self._record_done()
             self._unmap()
@@ -462,6 +471,20 @@ class BlobTransfer:
             self._fd = -1
 
     _got = ""
+
+    async def _leave_partial(self) -> None:
+        """An attempt that did not finish: record the chunks that came in, for the next pull to resume; or, when
+        none did (a 404, a refused connection, a source that never sent a byte), remove the partial file, which
+        would otherwise hold the blob's whole declared size on disk for nothing."""
+        await self._record_done()  # a background record written after the removal would be left behind
+        await self._blocking(None, self._leave, self._record_data() if self._written else None)
+
+    def _leave(self, record: bytes | None) -> None:
+        """(thread) See _leave_partial; nothing is left once the blob was installed (a cancel that came late)."""
+        if record is None:
+            remove_partial(self.fetcher.store, self.hex)
+        elif partial_path(self.fetcher.store, self.hex).exists():
+            self._write_record(record)
 
     def _end(self, i: int) -> int:
         """The offset just past chunk `i` (the last one may be short)."""
@@ -581,11 +604,14 @@ class BlobTransfer:
                     await self._changed.wait()
                 error: Exception | None = None
                 try:
-                    await self._fetch(src, run, conn)
+                    await self._fetch_watched(src, run, conn)
                 except (_DiskError, SourceError, aiohttp.ClientError, http.client.HTTPException, OSError) as e:
                     error = e
                 finally:
                     self._settle(run)  # also when cancelled: the receiving thread has ended by now
+                if conn.cancelled.is_set():  # aborted for being too slow: the next request needs a new one
+                    conn.close()
+                    conn = _Conn(self.fetcher.timeout)
                 if error is None:
                     failures = 0
                     continue
@@ -608,6 +634,31 @@ class BlobTransfer:
             if self._live == 0 and self._written < self._n and self._error is None:
                 self._error = f"no source could serve sha256:{self.hex} (tried {self._source_list()})"
             self._changed.notify()
+
+    async def _fetch_watched(self, src: Source, run: _Run, conn: _Conn) -> None:
+        """`_fetch`, given up when the run brings in less than `min_rate` over a `timeout` window: the per-read
+        timeout alone lets a source that drips a byte every few seconds hold the run (and its chunks) for hours.
+        Not under a bandwidth limit, which may itself make every stream that slow."""
+        window, floor = self.fetcher.timeout, self.fetcher.min_rate * self.fetcher.timeout
+        if floor <= 0 or self.fetcher.limiter is not None:
+            return await self._fetch(src, run, conn)
+        fetch = asyncio.create_task(self._fetch(src, run, conn))
+        try:
+            while True:
+                before = run.received
+                done, _ = await asyncio.wait([fetch], timeout=window)
+                if done:
+                    return fetch.result()
+                if run.received - before < floor:
+                    raise SourceError(f"too slow: {run.received - before} bytes in {window:g}s")
+        finally:
+            if not fetch.done():
+                fetch.cancel()  # aborts the connection; its thread must end before the run is settled
+                while not fetch.done():
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await asyncio.wait([fetch])
+            if not fetch.cancelled():
+                fetch.exception()  # retrieved: the aborted request's own error is expected
 
     def _claim(self, src: str) -> _Run | None:
         """(loop) The lowest chunks left, as one run: consecutive, inside the window, at most a run long, and at
@@ -922,6 +973,7 @@ class Fetcher:
         rate_limit: float = 0,
         health: SourceHealth | None = None,
         timeout: float = 30.0,
+        min_rate: float = MIN_RATE,
     ) -> None:
         self.store = store
         self.chunk_size = chunk_size
@@ -931,6 +983,7 @@ class Fetcher:
         self.limiter = RateLimiter(rate_limit) if rate_limit > 0 else None
         self.health = health or SourceHealth()
         self.timeout = timeout
+        self.min_rate = min_rate  # bytes/s over each `timeout` window, per request (0: no floor)
         self.hash_cpu_s = 0.0  # CPU seconds spent hashing, and bytes hashed (== bytes fetched: one pass)
         self.hashed_bytes = 0
         self._session: aiohttp.ClientSession | None = None
@@ -965,8 +1018,9 @@ class Fetcher:
 
     async def close(self) -> None:
         tasks = [t.task for t in self._inflight.values() if t.task is not None]
-        for task in tasks:
-            task.cancel()
+        for t in self._inflight.values():
+            if t.task is not None and not t.abandoned:  # (an abandoned one is cancelled already: once is enough)
+                t.task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)  # their threads end with them
         if self._session is not None:
             await self._session.close()
@@ -1001,14 +1055,27 @@ class Fetcher:
         with contextlib.suppress(BlobNotFound):
             self.store.pin_existing(hexd, pins)
             return
+        while (old := self._inflight.get(hexd)) is not None and old.abandoned:
+            # its last waiter left and it is winding down (waking its threads, recording what came in): a new
+            # transfer starts after it, so that the two never share the partial file
+            assert old.task is not None
+            await asyncio.wait([old.task])
         t = self.start(hexd, size, sources)
         t.pin_sets.append(pins)
+        t.waiters += 1
         try:
             await t.wait()
         except asyncio.CancelledError:
             with contextlib.suppress(ValueError):
                 t.pin_sets.remove(pins)  # gone before the blob landed: nothing to pin for us
             raise
+        finally:
+            t.waiters -= 1
+            if t.waiters == 0 and t.task is not None and not t.task.done() and not t.abandoned:
+                # nobody wants the blob any more: stop it rather than hold its sockets and threads (a source
+                # that drips would hold them for hours); what came in stays for the next pull to resume
+                t.abandoned = True
+                t.task.cancel()
 
 
 # --------------------------------------------------------------------------------------------------------

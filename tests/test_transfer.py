@@ -4,14 +4,16 @@ shared transfers, disk budget and eviction, the pull progress stream."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import hashlib
 import itertools
 import os
 import re
+import socket
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +35,7 @@ from omx.models.transfer import (
     make_room,
     missing_bytes,
     pull_model,
+    store_bytes,
 )
 
 pytestmark = pytest.mark.timeout(120)
@@ -547,3 +550,184 @@ async def test_pull_progress_stream_and_budget(tmp_path: Path, seeders: list[See
     with pytest.raises(BudgetExceeded):
         make_room(Store(tmp_path / "empty"), need, budget=need // 2, protected=set(), uses=UseRecord(dst))
     assert visible(Store(tmp_path / "empty")) == []
+
+
+async def wait_until(cond: Callable[[], bool], within: float = 10.0) -> bool:
+    deadline = time.monotonic() + within
+    while not cond():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.01)
+    return True
+
+
+@dataclass
+class Staller:
+    """A raw HTTP server that answers a blob request's headers, then drips `drip` bytes every `every` seconds
+    (0: nothing at all) and never finishes: a hostile or broken registry. Counts its open connections."""
+
+    size: int  # the blob's, for a request without a Range
+    drip: int = 0
+    every: float = 0.2
+    open: int = 0
+    accepted: int = 0
+    url: str = ""
+    server: asyncio.base_events.Server | None = None
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.open += 1
+        self.accepted += 1
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            m = re.search(rb"Range: bytes=(\d+)-(\d+)", head, re.IGNORECASE)
+            n = int(m.group(2)) - int(m.group(1)) + 1 if m else self.size
+            writer.write(b"HTTP/1.1 206 Partial Content\r\nContent-Length: %d\r\n\r\n" % n)
+            await writer.drain()
+            while True:  # until the client hangs up (a read sees EOF) or the server is stopped
+                if self.drip:
+                    writer.write(b"x" * self.drip)
+                    await writer.drain()
+                with contextlib.suppress(TimeoutError):
+                    if not await asyncio.wait_for(reader.read(1), self.every):
+                        break
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            self.open -= 1
+            writer.close()
+
+    async def start(self) -> Staller:
+        self.server = await asyncio.start_server(self.handle, "127.0.0.1", 0)
+        port = self.server.sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        return self
+
+    def source(self, sid: str) -> Source:
+        return Source(id=sid, blob_prefix=f"{self.url}/blobs/")
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+
+@pytest.fixture
+async def stallers() -> AsyncIterator[list[Staller]]:
+    made: list[Staller] = []
+    yield made
+    for s in made:
+        await s.stop()
+
+
+@pytest.mark.parametrize("how", ["404", "refused"])
+async def test_failure_before_any_chunk_leaves_no_partial(
+    tmp_path: Path, seeders: list[Seeder], how: str,
+) -> None:
+    """A manifest may declare a huge layer whose blob never comes: the space reserved for it is given back
+    at once, since there is nothing to resume."""
+    size = 64 << 20
+    hexd = hashlib.sha256(b"declared, never served").hexdigest()
+    if how == "404":
+        s = await seeder(seeders, {})
+        src = s.source("a")
+    else:
+        with socket.socket() as sock:  # a port nobody listens on
+            sock.bind(("127.0.0.1", 0))
+            src = Source(id="a", blob_prefix=f"http://127.0.0.1:{sock.getsockname()[1]}/blobs/")
+    store = Store(tmp_path)
+    f = Fetcher(store, chunk_size=CHUNK)
+    try:
+        with pytest.raises(TransferError, match="no source could serve"):
+            await fetch(f, hexd, size, [src])
+    finally:
+        await f.close()
+    assert visible(store) == [] and store_bytes(store) == 0
+
+
+@pytest.mark.parametrize("drip", [0, 100])
+async def test_transfer_nobody_waits_for_stops(tmp_path: Path, stallers: list[Staller], drip: int) -> None:
+    """A client that goes away stops the transfer it alone waited for: its connections close and its threads
+    end, instead of a stalled (or dripping) source holding them for hours; with no chunk in, nothing is left."""
+    s = await Staller(8 * CHUNK, drip=drip).start()
+    stallers.append(s)
+    hexd = hashlib.sha256(b"stalled").hexdigest()
+    store = Store(tmp_path)
+    f = Fetcher(store, chunk_size=CHUNK, streams=2)
+    try:
+        task = asyncio.create_task(fetch(f, hexd, 8 * CHUNK, [s.source("slow")]))
+        assert await wait_until(lambda: s.open == 2)
+        t = f.in_flight(hexd)
+        assert t is not None and t.task is not None
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert await wait_until(lambda: t.task.done() and s.open == 0 and f.in_flight(hexd) is None)
+        assert visible(store) == []  # no chunk came in: nothing to resume
+    finally:
+        await f.close()
+
+
+async def test_shared_transfer_runs_on_for_the_remaining_waiter(tmp_path: Path, seeders: list[Seeder]) -> None:
+    hexd, data = blob(16 * CHUNK)
+    s = await seeder(seeders, {hexd: data}, delay=0.2)
+    store = Store(tmp_path)
+    f = Fetcher(store, chunk_size=CHUNK, run_size=2 * CHUNK)
+    try:
+        leaving = asyncio.create_task(fetch(f, hexd, len(data), [s.source("s")]))
+        staying = asyncio.create_task(fetch(f, hexd, len(data), [s.source("s")]))
+        assert await wait_until(lambda: len(s.requests) >= 1)
+        leaving.cancel()
+        await asyncio.wait_for(staying, 30)
+    finally:
+        await f.close()
+    assert s.served == len(data)  # one transfer, not cancelled and not started over
+    assert store.blob_path(hexd).read_bytes() == data
+
+
+async def test_pull_after_an_abandoned_transfer_resumes_it(
+    tmp_path: Path, seeders: list[Seeder], stallers: list[Staller],
+) -> None:
+    """A new request for a blob whose abandoned transfer is still winding down waits for it, then resumes
+    what it got from a source that works."""
+    hexd, data = blob(8 * CHUNK)
+    stuck = await Staller(len(data)).start()
+    stallers.append(stuck)
+    store = Store(tmp_path)
+    f = Fetcher(store, chunk_size=CHUNK)
+    try:
+        task = asyncio.create_task(fetch(f, hexd, len(data), [stuck.source("stuck")]))
+        assert await wait_until(lambda: stuck.open == 1)
+        task.cancel()
+        good = await seeder(seeders, {hexd: data})
+        await asyncio.wait_for(fetch(f, hexd, len(data), [good.source("good")]), 30)
+    finally:
+        await f.close()
+    assert store.blob_path(hexd).read_bytes() == data
+    assert partials(store) == [] and stuck.open == 0
+
+
+@pytest.mark.parametrize("with_good", [False, True])
+async def test_dripping_source_is_given_up_on(
+    tmp_path: Path, seeders: list[Seeder], stallers: list[Staller], with_good: bool,
+) -> None:
+    """A source that sends a few bytes now and then (never slow enough for the per-read timeout) fails its
+    requests once they average under the minimum rate: another source takes its chunks over, or the pull
+    fails instead of hanging."""
+    hexd, data = blob(8 * CHUNK)
+    drip = await Staller(len(data), drip=50, every=0.1).start()
+    stallers.append(drip)
+    sources = [drip.source("drip")]
+    if with_good:
+        sources.append((await seeder(seeders, {hexd: data})).source("good"))
+    store = Store(tmp_path)
+    f = Fetcher(store, chunk_size=CHUNK, timeout=0.5)  # the window the minimum rate is measured over
+    try:
+        if with_good:
+            await asyncio.wait_for(fetch(f, hexd, len(data), sources), 30)
+            assert store.blob_path(hexd).read_bytes() == data
+        else:
+            with pytest.raises(TransferError, match="no source could serve"):
+                await asyncio.wait_for(fetch(f, hexd, len(data), sources), 30)
+            assert visible(store) == []
+        assert drip.accepted >= 1 and await wait_until(lambda: drip.open == 0)
+    finally:
+        await f.close()
