@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from omx.models.store import Store
 from omx.node import distribution
@@ -167,6 +168,18 @@ async def serve(cfg: NodeConfig) -> None:
     await cluster.stop()
 
 
+def _malformed_request_in_one_line(record: logging.LogRecord) -> bool:
+    """aiohttp logs each request it cannot parse (a bad Content-Length, broken chunking) at ERROR with a
+    traceback: any client could fill the log. It already answered 400; one INFO line says what was wrong."""
+    exc = record.exc_info[1] if record.exc_info else None
+    if not isinstance(exc, HttpProcessingError):
+        return True
+    what = " ".join(str(exc.message or type(exc).__name__).split())[:200]  # aiohttp's text spans lines
+    record.msg, record.args = "malformed HTTP request (%s): answered 400", (what,)
+    record.exc_info, record.exc_text, record.levelno, record.levelname = None, None, logging.INFO, "INFO"
+    return logging.getLogger().isEnabledFor(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="omx node start", description="Start an omx node.")
     ap.add_argument("--config", type=Path, help="TOML or JSON settings file")
@@ -193,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
               "use DEBUG, INFO, WARNING, ERROR or CRITICAL", file=sys.stderr)
         return 2
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("aiohttp.server").addFilter(_malformed_request_in_one_line)
     overrides: dict[str, object] = {"port": args.port, "data_dir": args.data_dir}
     if args.host:
         from omx.protocols.hosts import HostError, parse_host

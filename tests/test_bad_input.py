@@ -492,3 +492,22 @@ def test_context_of_tokens_the_model_does_not_have(node, context: list) -> None:
                                           "options": GREEDY_2})
         assert r.status_code == 400, r.text
         assert "context" in _err(r) and "C long" not in _err(r) and "too small" not in _err(r), r.text
+
+
+def test_malformed_http_is_a_400_and_one_log_line(node) -> None:
+    """aiohttp answers these itself; each used to log a traceback at ERROR, so any client could fill the log."""
+    import socket
+
+    from omx.node.launch import wait_until
+
+    before = len(node.log)
+    for head in (b"POST /api/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: -5\r\n\r\n",
+                 b"POST /api/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"):
+        with socket.create_connection((node.url.split("//")[1].split(":")[0], int(node.url.rsplit(":", 1)[1])),
+                                      timeout=10) as s:
+            s.sendall(head)
+            assert b" 400 " in s.recv(4096).split(b"\r\n")[0]
+    wait_until(lambda: sum("malformed HTTP request" in line for line in node.log[before:]) >= 2, 10,
+               what="one log line per malformed request")
+    assert not any("Traceback" in line or " ERROR " in line for line in node.log[before:]), node.log[before:]
+    assert httpx.get(node.url + "/api/version", timeout=5).status_code == 200
