@@ -652,13 +652,18 @@ class BlobTransfer:
                 if run.received - before < floor:
                     raise SourceError(f"too slow: {run.received - before} bytes in {window:g}s")
         finally:
+            cancelled = False
             if not fetch.done():
                 fetch.cancel()  # aborts the connection; its thread must end before the run is settled
                 while not fetch.done():
-                    with contextlib.suppress(asyncio.CancelledError):
+                    try:
                         await asyncio.wait([fetch])
+                    except asyncio.CancelledError:
+                        cancelled = True  # ours to pass on once the request has ended, not to swallow
             if not fetch.cancelled():
                 fetch.exception()  # retrieved: the aborted request's own error is expected
+            if cancelled:
+                raise asyncio.CancelledError
 
     def _claim(self, src: str) -> _Run | None:
         """(loop) The lowest chunks left, as one run: consecutive, inside the window, at most a run long, and at
@@ -1052,12 +1057,15 @@ class Fetcher:
         manifest refers to it; release with `store.unpin_all(pins)`.
         """
         hexd = _hex(digest)
-        with contextlib.suppress(BlobNotFound):
-            self.store.pin_existing(hexd, pins)
-            return
-        while (old := self._inflight.get(hexd)) is not None and old.abandoned:
+        while True:
+            with contextlib.suppress(BlobNotFound):
+                self.store.pin_existing(hexd, pins)
+                return
+            old = self._inflight.get(hexd)
+            if old is None or not old.abandoned:
+                break
             # its last waiter left and it is winding down (waking its threads, recording what came in): a new
-            # transfer starts after it, so that the two never share the partial file
+            # transfer starts after it, so that the two never share the partial file; it may have landed the blob
             assert old.task is not None
             await asyncio.wait([old.task])
         t = self.start(hexd, size, sources)

@@ -508,6 +508,8 @@ class Cluster:
                 if self.registry is not None and self.registry.is_leader:
                     await self._reconcile_membership()
                     await self._reconcile_voters()
+                else:
+                    self._voter_gone_since.clear()  # a new term as leader starts the clocks afresh
             except Exception:
                 log.exception("cluster refresh failed")
 
@@ -612,6 +614,7 @@ class Cluster:
         st = self.registry.status()
         voters = set(st.get("voters") or [])
         if not st.get("has_quorum") or not voters:
+            self._voter_gone_since.clear()  # a clock kept without quorum (or from an earlier term) proves nothing
             return
         wanting = sorted((m.id, ((m.meta or {}).get("raft") or {}).get("addr")) for m in self.swim.members()
                          if m.state == "alive" and (m.meta or {}).get("region") == self.cfg.region

@@ -57,15 +57,18 @@ def _no_surrogates(v: Any) -> Any:
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 def load_json(body: bytes) -> Any:
     if not body or not body.strip():
         raise ApiError(400, "missing request body")
     try:
-        data = json.loads(body)
-        # a surrogate can only arrive as a \u escape (UTF-8 cannot carry one); paired ones are decoded already
-        return _no_surrogates(data) if b"\\ud" in body or b"\\uD" in body else data
+        # strictly UTF-8 (json.loads of bytes would also take UTF-16/32, and with them raw lone surrogates);
+        # then a surrogate can only arrive as a \u escape, and paired ones are decoded already
+        text = body.decode()
+        data = json.loads(text)
+        return _no_surrogates(data) if _SURROGATE_ESCAPE.search(text) else data
     except UnicodeDecodeError:
         raise ApiError(400, "invalid character in request body: not UTF-8") from None
     except json.JSONDecodeError as e:

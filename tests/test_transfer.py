@@ -683,11 +683,11 @@ async def test_shared_transfer_runs_on_for_the_remaining_waiter(tmp_path: Path, 
     assert store.blob_path(hexd).read_bytes() == data
 
 
-async def test_pull_after_an_abandoned_transfer_resumes_it(
+async def test_pull_after_an_abandoned_transfer_completes_from_a_working_source(
     tmp_path: Path, seeders: list[Seeder], stallers: list[Staller],
 ) -> None:
-    """A new request for a blob whose abandoned transfer is still winding down waits for it, then resumes
-    what it got from a source that works."""
+    """A new request for a blob whose abandoned transfer is still winding down waits for it (the two never
+    share the partial file), then completes from a source that works."""
     hexd, data = blob(8 * CHUNK)
     stuck = await Staller(len(data)).start()
     stallers.append(stuck)
