@@ -209,12 +209,35 @@ async def transfer_leader(request: web.Request) -> web.Response:
         if await c.registry.transfer_leadership(to_addr, timeout=5.0) or not c.registry.is_leader:
             break
     new = c.registry.status().get("leader")
+    if not c.registry.is_leader and to_addr is not None and new not in (None, to_addr) and not body.get("again"):
+        # We stepped down, but a third voter's election timer fired before the target's (a busy machine): ask
+        # the new leader, once, to hand over to the target.
+        moved = await _ask_again(r, region, to, new)
+        if moved is not None:
+            return json_response(moved)
     if c.registry.is_leader or (to_addr is not None and new != to_addr):
         raise ApiError(503, f"the leader could not hand over to {to_addr or 'another voter'} within "
                             f"{TRANSFER_TRIES * 5} s "
                             f"(no caught-up voter?); leader now {new}")
     c.events.publish("raft.leader_transfer", region=region, from_=c.id, to=new)
     return json_response({"region": region, "moved": True, "leader_raft_addr": new})
+
+
+async def _ask_again(r: Router, region: str, to: str, leader_addr: str) -> dict[str, Any] | None:
+    """The transfer request, sent once to the voter that won instead of the target; None if it cannot be asked
+    or fails (the caller then answers with its own error)."""
+    c = r.cluster
+    nid = c._id_of_raft(leader_addr)
+    m = c.swim.get(nid) if nid and c.swim else None
+    api = (m.meta or {}).get("api") if m else None
+    if not nid or not isinstance(api, str):
+        return None
+    t = Target(nid, api, "node", nid, region, False, 0.0)
+    try:
+        return await r.call(t, "POST", "/api/v1/cluster/leader/transfer", {"region": region, "to": to, "again": True},
+                            limit_s=TRANSFER_TRIES * 5.0 + 10.0)
+    except UpstreamError:
+        return None
 
 
 def add_proxy_routes(app: web.Application) -> None:
