@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import errno
 import functools
 import ipaddress
 import json
@@ -117,11 +116,6 @@ def payload_error_message(request: web.Request, e: web.RequestPayloadError) -> s
 
 
 NAME_MAX = 255  # bytes in one path component on Linux file systems: each part of a name is one
-
-
-def name_too_long(e: OSError) -> bool:
-    """A model name whose parts the file system cannot hold (ENAMETOOLONG): no such model is stored."""
-    return e.errno == errno.ENAMETOOLONG
 
 
 def storable(name: ModelName) -> bool:
@@ -267,10 +261,6 @@ def has_model(request: web.Request, raw: str | None, routing: bool = False) -> b
         return bool(raw) and request.app[STORE].exists(raw or "")
     except (InvalidModelName, ValueError):
         return False
-    except OSError as e:
-        if name_too_long(e):
-            return False
-        raise
 
 
 def _generate_text(c: dict[str, Any]) -> str:
@@ -518,9 +508,6 @@ async def api_delete(request: web.Request) -> web.Response:
         local_ok = True
     except ModelNotFound:
         pass
-    except OSError as e:
-        if not name_too_long(e):
-            raise
     remote_ok, errors = await _on_holders(request, ref, "DELETE", "/api/delete", json.loads(raw))
     if not local_ok and not remote_ok:
         if errors:

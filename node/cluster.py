@@ -287,8 +287,13 @@ class Cluster:
     def _voters_missing(self, voters: list[str]) -> bool:
         """Whether a voter of `voters` is not alive in gossip (the leader may give its seat away)."""
         assert self.swim is not None
-        living = {((m.meta or {}).get("raft") or {}).get("addr") for m in self.swim.members() if m.state == "alive"}
+        living = self._raft_addrs_in("alive")
         return self.cfg.replace_dead_voters_after > 0 and any(v not in living for v in voters)
+
+    def _raft_addrs_in(self, *states: str) -> set[object]:
+        """The Raft addresses advertised by gossip members in one of these states."""
+        assert self.swim is not None
+        return {((m.meta or {}).get("raft") or {}).get("addr") for m in self.swim.members() if m.state in states}
 
     async def _await_voter_seat(self) -> list[str]:
         """Partners for a fresh voter: the region's voter set once it holds us (the leader adds us).
@@ -674,8 +679,7 @@ class Cluster:
         assert self.swim is not None
         if self.cfg.replace_dead_voters_after <= 0:
             return []
-        living = {((m.meta or {}).get("raft") or {}).get("addr") for m in self.swim.members()
-                  if m.state in ("alive", "suspect")}
+        living = self._raft_addrs_in("alive", "suspect")
         partners = st.get("partners", {})
         now = time.monotonic()
         seen = {a for a in voters if a != self.raft_addr and not partners.get(a) and a not in living}
